@@ -1,0 +1,1 @@
+"""PixelLM platform."""

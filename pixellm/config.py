@@ -1,0 +1,304 @@
+"""Typed, validated configuration for every part of the platform.
+
+A *recipe* (``platform/recipes/*.yaml``) is one YAML document with the sections ``model``, ``data``,
+``train``, ``mlflow`` and ``serve``. Every field has a default that works on a laptop CPU; the 7B/13B
+recipes change only what must change. Unknown keys and impossible values fail before any work
+starts, with a message that names the key (``load_recipe`` collects every problem and raises once).
+
+Overrides use dotted keys, ``--set train.lr=1e-4 data.mixture.muse=8``; the value is parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DecoderConfig",
+    "LoraConfig",
+    "LossConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "Recipe",
+    "ServeConfig",
+    "TinyBackboneConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_recipe",
+    "recipe_hash",
+]
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class TinyBackboneConfig(_Strict):
+    """Sizes of the LLaVA built from config when ``model.base == "tiny"`` (no weights, CPU-sized)."""
+
+    vision_hidden_size: int = Field(64, gt=0)  # CLIP width; larger = slower, richer frozen features
+    vision_layers: int = Field(4, gt=0)
+    vision_heads: int = Field(4, gt=0)
+    patch_size: int = Field(8, gt=0)  # 224 px / 8 = 28x28 patch grid
+    text_hidden_size: int = Field(64, gt=0)
+    text_layers: int = Field(2, gt=0)
+    text_heads: int = Field(4, gt=0)
+    text_intermediate_size: int = Field(128, gt=0)
+    vocab_size: int = Field(1024, ge=300)  # byte-level BPE trained offline on the corpus vocabulary
+    seed: int = 0  # random init of the frozen tiny backbone
+
+
+class DecoderConfig(_Strict):
+    """Pixel decoder D (paper eq. 1): one two-way attention block per scale."""
+
+    dim: int = Field(256, gt=0)
+    depth: int = Field(2, gt=0)
+    heads: int = Field(8, gt=0)
+    mlp_dim: int = Field(2048, gt=0)
+    attention_downsample: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DecoderConfig:
+        if self.dim % self.heads or (self.dim // self.attention_downsample) % self.heads:
+            raise ValueError(
+                f"decoder.dim={self.dim} (and dim/attention_downsample) must be divisible by "
+                f"decoder.heads={self.heads}"
+            )
+        return self
+
+
+class LoraConfig(_Strict):
+    """LoRA on the LLM (peft). Higher r = more capacity and memory."""
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class LossConfig(_Strict):
+    """L = L_txt + lambda_ref * L_ref + lambda_dice * L_dice (paper section 3.2)."""
+
+    lambda_txt: float = Field(1.0, ge=0.0)
+    lambda_ref: float = Field(2.0, ge=0.0)
+    lambda_dice: float = Field(0.5, ge=0.0)
+    alpha: float = Field(2.0, ge=1.0)  # weight of pixels where >=2 predicted masks are positive
+
+
+class ModelConfig(_Strict):
+    """PixelLM architecture. ``feature_layers`` fixes L; ``tokens_per_group`` is N."""
+
+    base: Literal["tiny", "llava"] = "tiny"
+    weights_path: str | None = None  # local HF llava directory, required when base == "llava"
+    image_size: int = Field(224, ge=32)  # 448 for the real models (CLIP pos-emb interpolated)
+    feature_layers: list[int] = Field(default_factory=lambda: [-1, -3], min_length=1)
+    llm_image_grid: int = Field(7, gt=0)  # deepest layer pooled to grid x grid image tokens
+    tokens_per_group: int = Field(3, gt=0)  # N
+    max_length: int = Field(256, ge=32)  # text tokens; a sample that does not fit is rejected
+    gradient_checkpointing: bool = False
+    tiny: TinyBackboneConfig = TinyBackboneConfig()
+    decoder: DecoderConfig = DecoderConfig(dim=64, depth=2, heads=4, mlp_dim=256)
+    lora: LoraConfig = LoraConfig()
+    loss: LossConfig = LossConfig()
+
+    @property
+    def num_scales(self) -> int:
+        """L, the number of visual scales and codebook groups."""
+        return len(self.feature_layers)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.base == "llava" and not self.weights_path:
+            raise ValueError("model.weights_path is required when model.base is 'llava'")
+        if len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ValueError(f"model.feature_layers has duplicates: {self.feature_layers}")
+        if self.base == "tiny":
+            n = self.tiny.vision_layers
+            bad = [f for f in self.feature_layers if not -n - 1 <= f <= n]
+            if bad:
+                raise ValueError(
+                    f"model.feature_layers {bad} out of range for tiny.vision_layers={n} "
+                    f"(hidden_states has {n + 1} entries)"
+                )
+            if self.image_size % self.tiny.patch_size:
+                raise ValueError(
+                    f"model.image_size={self.image_size} must be a multiple of "
+                    f"model.tiny.patch_size={self.tiny.patch_size}"
+                )
+        return self
+
+
+class DataConfig(_Strict):
+    """Where shards live and how corpora are mixed into the training stream."""
+
+    shards_root: str = "runs/quickstart/shards"  # one sub-directory per corpus name
+    mixture: dict[str, float] = Field(
+        default_factory=lambda: {"sem_seg": 2.0, "refer_seg": 9.0, "vqa": 2.0, "muse": 4.0}
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+    mask_max_size: int = Field(128, ge=8)  # ground-truth masks are downsized to this longest side
+    max_targets: int = Field(9, ge=1)  # a sample with more targets is rejected by preprocessing
+    shuffle_seed: int = 0
+    preprocess_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data preprocessing task
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        bad = {k: v for k, v in self.mixture.items() if v < 0}
+        if bad or not any(v > 0 for v in self.mixture.values()):
+            raise ValueError(f"data.mixture needs non-negative ratios with one > 0, got {self.mixture}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimisation, scale-out, checkpoints. Batch sizes are derived, never written in DS JSON."""
+
+    epochs: int = Field(1, gt=0)
+    steps_per_epoch: int = Field(20, gt=0)  # optimizer steps per epoch (fixed: equal on every rank)
+    micro_batch_size: int = Field(2, gt=0)  # per worker
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    deepspeed_config: str = "platform/deepspeed/zero2.json"  # zero2.json | zero3.json
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    checkpoint_every: int = Field(10, gt=0)  # optimizer steps
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(1, ge=-1)  # worker failures tolerated (-1 = unlimited)
+    storage_path: str = "runs/ray_results"  # shared storage (NFS or cloud URI) on a cluster
+    run_name: str = "pixellm-tiny"  # resubmitting with the same name resumes
+    export_dir: str | None = None  # default: <storage_path>/<run_name>/model
+    log_every: int = Field(1, gt=0)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers."""
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class MlflowConfig(_Strict):
+    """Experiment tracking. ``tracking_uri`` null = ``$MLFLOW_TRACKING_URI`` (or MLflow's default)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "pixellm"
+    registered_model_name: str = "pixellm-tiny"
+    enabled: bool = True
+
+
+class ServeConfig(_Strict):
+    """Ray Serve deployment knobs (applied via ``user_config`` / deployment options)."""
+
+    host: str = "127.0.0.1"  # loopback unless configured
+    port: int = Field(8000, gt=0, lt=65536)
+    max_batch_size: int = Field(8, gt=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_ongoing_requests: int = Field(16, gt=0)
+    max_queued_requests: int = Field(64, ge=-1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    max_question_chars: int = Field(2000, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    bearer_token: str | None = None
+
+
+class Recipe(_Strict):
+    """One training/evaluation recipe: everything a run needs."""
+
+    name: str = "tiny"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.train.use_gpu and self.train.gpus_per_worker <= 0:
+            raise ValueError("train.gpus_per_worker must be > 0 when train.use_gpu is true")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML) to a raw recipe tree."""
+    tree = json.loads(json.dumps(tree))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the recipe:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see pixellm/config.py for the fields)"
+        lines.append(f"  - {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe YAML (``None`` = all defaults) plus dotted overrides.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or any key is unknown or invalid.
+    """
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {source} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {source} must be a YAML mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    tree = apply_overrides(tree, overrides)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Short stable hash of a resolved recipe (stored with checkpoints)."""
+    blob = json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
