@@ -1,0 +1,115 @@
+"""The LLaVA backbone of PixelLM (vision encoder I, projection p_V→T, LLM F) and its LoRA wrapping.
+
+Built either from a local HF llava directory (``model.base == "llava"``, nothing is downloaded) or
+from config (``model.base == "tiny"``: a small random LLaVA for tests and the quickstart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from pixellm.config import ModelConfig
+from pixellm.model.tokenizer import IMAGE_TOKEN
+
+__all__ = ["apply_lora", "build_llava", "tiny_llava_config"]
+
+
+def tiny_llava_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+    """A small ``LlavaConfig`` from ``cfg.tiny``.
+
+    The tiny CLIP is built for 3/4 of ``cfg.image_size`` and always run at ``cfg.image_size`` with
+    interpolated position embeddings, so the tiny model exercises the same path as CLIP-336 at 448.
+    """
+    t = cfg.tiny
+    native = (cfg.image_size * 3 // 4) // t.patch_size * t.patch_size
+    vision = CLIPVisionConfig(
+        hidden_size=t.vision_hidden_size,
+        intermediate_size=t.vision_hidden_size * 4,
+        num_hidden_layers=t.vision_layers,
+        num_attention_heads=t.vision_heads,
+        image_size=native,
+        patch_size=t.patch_size,
+        projection_dim=t.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.text_hidden_size,
+        intermediate_size=t.text_intermediate_size,
+        num_hidden_layers=t.text_layers,
+        num_attention_heads=t.text_heads,
+        num_key_value_heads=t.text_heads,
+        max_position_embeddings=max(512, cfg.max_length * 2),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.feature_layers[0],
+        tie_word_embeddings=False,
+    )
+
+
+def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+    """Build (tiny) or load (local directory) the LLaVA and size its vocabulary to ``tokenizer``.
+
+    Raises:
+        FileNotFoundError: ``cfg.weights_path`` is not a local HF llava directory.
+    """
+    if cfg.base == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.tiny.seed)
+            return LlavaForConditionalGeneration(tiny_llava_config(cfg, tokenizer)).float()
+    path = Path(cfg.weights_path or "")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.weights_path={cfg.weights_path!r} is not a local HF llava directory "
+            "(config.json missing); download e.g. llava-hf/llava-1.5-7b-hf there first"
+        )
+    llava = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, torch_dtype=torch.float32
+    )
+    if llava.get_input_embeddings().num_embeddings != len(tokenizer):
+        # New rows (codebook tokens) start at the mean embedding of the existing vocabulary.
+        llava.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    llava.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return llava
+
+
+def apply_lora(
+    llava: LlavaForConditionalGeneration, cfg: ModelConfig, codebook_ids: list[int]
+) -> PeftModel:
+    """Wrap the LLM in LoRA (peft) and make exactly the PixelLM-trainable LLaVA parts trainable.
+
+    Trainable after this call: LoRA on the LLM's ``cfg.lora.target_modules`` (never CLIP's), the
+    codebook rows of the input embedding and of the output layer (peft trainable tokens, not the
+    whole vocabulary), and the vision-to-language projection p_V→T. Frozen: CLIP and LLM base weights.
+    """
+    targets = "|".join(cfg.lora.target_modules)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=rf".*language_model.*\.({targets})$",
+        trainable_token_indices={"embed_tokens": codebook_ids, "lm_head": codebook_ids},
+        bias="none",
+    )
+    model = get_peft_model(llava, peft_cfg)
+    for p in model.get_base_model().model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    return model

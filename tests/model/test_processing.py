@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from pixellm.config import load_recipe
+from pixellm.model import build_processor
+from pixellm.model.processing import IGNORE_INDEX, logits_to_image_size, resize_longest_side
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(load_recipe().model)
+
+
+def test_resize_longest_side():
+    assert resize_longest_side(100, 200, 448) == (224, 448)
+    assert resize_longest_side(300, 150, 224) == (224, 112)
+
+
+def test_transform_pads_bottom_right(processor):
+    img = np.full((60, 120, 3), 255, np.uint8)
+    x, hw = processor.transform_image(img)
+    s = processor.image_size
+    assert x.shape == (3, s, s) and hw == (s // 2, s)
+    assert torch.all(x[:, hw[0] :, :] == 0)  # padding below the image
+    assert torch.all(x[:, : hw[0], :] > 0)  # white normalises to > 0
+
+
+def test_mask_resize_pad_crop_back_round_trip(processor):
+    # A mask drawn at the original size, placed in the padded square as the model sees it, comes
+    # back to the original size unchanged (up to interpolation at the edges).
+    h, w, s = 60, 120, processor.image_size
+    mask = np.zeros((h, w), np.float32)
+    mask[10:40, 30:90] = 1
+    vh, vw = resize_longest_side(h, w, s)
+    square = torch.zeros(1, s, s)
+    square[0, :vh, :vw] = torch.nn.functional.interpolate(
+        torch.from_numpy(mask)[None, None], size=(vh, vw), mode="nearest"
+    )[0, 0]
+    logits = square * 20 - 10  # logits over the padded square
+    back = logits_to_image_size(logits, (vh, vw), s, (h, w))[0] > 0
+    inter = np.logical_and(back.numpy(), mask > 0).sum()
+    union = np.logical_or(back.numpy(), mask > 0).sum()
+    assert back.shape == (h, w) and inter / union > 0.97
+
+
+def test_labels_only_on_assistant_tokens(processor):
+    conv = [
+        {"role": "user", "text": "Segment the red circle."},
+        {"role": "assistant", "text": "Sure, [SEG]."},
+    ]
+    enc = processor.encode_conversation(conv)
+    assert enc.num_targets == 1
+    labelled = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    answer = processor.tokenizer.decode(labelled, skip_special_tokens=False)
+    assert answer.strip().startswith("Sure,") and answer.endswith("</s>")
+    assert enc.input_ids.count(processor.image_token_id) == processor.num_image_tokens
+    assert len(processor.codebook.find_groups(enc.input_ids)) == 1
+
+
+def test_too_long_is_rejected_not_truncated(processor):
+    conv = [{"role": "user", "text": "red " * 400}, {"role": "assistant", "text": "[SEG]"}]
+    with pytest.raises(ValueError, match="over model.max_length"):
+        processor.encode_conversation(conv)
+
+
+def test_bad_roles_raise(processor):
+    with pytest.raises(ValueError, match="expected roles user, assistant"):
+        processor.encode_conversation([{"role": "assistant", "text": "a"}, {"role": "user", "text": "b"}])
