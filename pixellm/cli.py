@@ -15,6 +15,11 @@ __all__ = ["build_parser", "main"]
 
 # One module per area; each defines register(subparsers: argparse._SubParsersAction) -> None.
 COMMAND_MODULES: tuple[str, ...] = (
+    "pixellm.data.commands",
+    "pixellm.eval.commands",
+    "pixellm.model.commands",
+    "pixellm.train.commands",
+    "pixellm.serve.commands",
 )
 
 

@@ -103,10 +103,15 @@ def _check_polygons(polys: list, h: int, w: int) -> None:
             )
         xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if not np.isfinite(xy).all():
-            raise BadSegmentation(f"polygon {i} has non-finite coordinates", "malformed_segmentation")
+            raise BadSegmentation(
+                f"polygon {i} has non-finite coordinates", "malformed_segmentation"
+            )
         # pycocotools silently clips outside points; a polygon outside the image is a wrong record.
-        if xy[:, 0].min() < -0.5 or xy[:, 1].min() < -0.5 or xy[:, 0].max() > w + 0.5 or (
-            xy[:, 1].max() > h + 0.5
+        if (
+            xy[:, 0].min() < -0.5
+            or xy[:, 1].min() < -0.5
+            or xy[:, 0].max() > w + 0.5
+            or (xy[:, 1].max() > h + 0.5)
         ):
             raise BadSegmentation(
                 f"polygon {i} spans x [{xy[:, 0].min():.1f}, {xy[:, 0].max():.1f}] y "
@@ -154,7 +159,9 @@ def segmentation_to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
             try:
                 covered = _rle_pixels(raw)
             except ValueError as err:
-                raise BadSegmentation(f"corrupt RLE counts: {err}", "malformed_segmentation") from None
+                raise BadSegmentation(
+                    f"corrupt RLE counts: {err}", "malformed_segmentation"
+                ) from None
             if covered > h * w:
                 raise BadSegmentation(
                     f"RLE covers {covered} pixels, image has {h * w}", "segmentation_size_mismatch"

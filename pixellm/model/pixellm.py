@@ -156,7 +156,9 @@ class PixelLM(nn.Module):
     ) -> torch.Tensor:
         """Mask logits ``(K, 4g, 4g)`` for targets with codebook states ``(K, L·N, H)``."""
         k = token_states.shape[0]
-        states = token_states.reshape(k, self.config.num_scales, self.config.tokens_per_group, -1)
+        states = token_states.reshape(
+            k, self.config.num_scales, self.config.tokens_per_group, token_states.shape[-1]
+        )  # (K, L, N, H)
         out = self.pixel_decoder(features, image_index, states.float())
         return out.mask_logits
 

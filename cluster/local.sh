@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# A local multi-process Ray cluster on loopback, plus an MLflow tracking server, for trying the real
+# `ray job submit` path on one machine.
+#
+#   cluster/local.sh up        # head node + one worker node + MLflow; writes $STATE_DIR/env.sh
+#   source runs/local-cluster/env.sh
+#   ray job submit --working-dir . --runtime-env platform/runtime/local.yaml -- python jobs/train.py ...
+#   cluster/local.sh status    # what runs, where
+#   cluster/local.sh down      # stops exactly what `up` started (nothing else)
+#
+# Everything listens on 127.0.0.1. Every port is overridable (defaults are chosen away from Ray's and
+# MLflow's defaults, so this cluster can run beside a `ray.init()` or `make quickstart`):
+#   PIXELLM_RAY_PORT=26379            GCS port of the head node
+#   PIXELLM_RAY_DASHBOARD_PORT=28265  dashboard + job submission API (RAY_ADDRESS=http://127.0.0.1:PORT)
+#   PIXELLM_RAY_CLIENT_PORT=20001     Ray Client server (ray://127.0.0.1:PORT)
+#   PIXELLM_RAY_HEAD_AGENT_PORT=28266 / PIXELLM_RAY_WORKER_AGENT_PORT=28267  per-node dashboard agents
+#   PIXELLM_MLFLOW_PORT=25000         MLflow tracking server (MLFLOW_TRACKING_URI=http://127.0.0.1:PORT)
+# Sizes: PIXELLM_HEAD_CPUS=1, PIXELLM_WORKER_CPUS=2 (the worker also carries the custom resource
+# `local_worker: 1`). Where: PIXELLM_CLUSTER_DIR=runs/local-cluster (state, Ray temp dir, MLflow store),
+# PIXELLM_VENV=.venv (Ray is started from it, so a job's `python` resolves to the project venv).
+#
+# Safety: `down` never runs a bare `ray stop` (that stops every Ray on the machine). It stops, by pid,
+# only the processes whose environment carries this cluster's marker (PIXELLM_LOCAL_CLUSTER=<dir>),
+# which `up` sets for Ray and MLflow alone; Ray itself uses this cluster's own --temp-dir.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+CLUSTER_DIR="${PIXELLM_CLUSTER_DIR:-runs/local-cluster}"
+mkdir -p "$CLUSTER_DIR"
+CLUSTER_DIR="$(cd "$CLUSTER_DIR" && pwd)"
+VENV="$(cd "${PIXELLM_VENV:-.venv}" 2>/dev/null && pwd)" || {
+  echo "local.sh: no virtual environment at ${PIXELLM_VENV:-.venv}; run \`make env\` first" >&2
+  exit 2
+}
+RAY_PORT="${PIXELLM_RAY_PORT:-26379}"
+DASHBOARD_PORT="${PIXELLM_RAY_DASHBOARD_PORT:-28265}"
+CLIENT_PORT="${PIXELLM_RAY_CLIENT_PORT:-20001}"
+HEAD_AGENT_PORT="${PIXELLM_RAY_HEAD_AGENT_PORT:-28266}"
+WORKER_AGENT_PORT="${PIXELLM_RAY_WORKER_AGENT_PORT:-28267}"
+MLFLOW_PORT="${PIXELLM_MLFLOW_PORT:-25000}"
+HEAD_CPUS="${PIXELLM_HEAD_CPUS:-1}"
+WORKER_CPUS="${PIXELLM_WORKER_CPUS:-2}"
+
+RAY_TMP="$CLUSTER_DIR/ray"
+MLFLOW_PID_FILE="$CLUSTER_DIR/mlflow.pid"
+ENV_FILE="$CLUSTER_DIR/env.sh"
+LOG_DIR="$CLUSTER_DIR/logs"
+
+# Ray from the project venv; Ray binds to 127.0.0.1 only with this set (see platform-facts.md).
+export PATH="$VENV/bin:$PATH"
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_USAGE_STATS_ENABLED=0
+# Token auth (Ray's default for `ray start --head`) with this cluster's own token file, so the
+# cluster neither needs nor overwrites ~/.ray/auth_token. `ray job submit` reads the same two variables.
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="$CLUSTER_DIR/auth_token"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+# Inherited by every Ray worker started by this cluster, so jobs find the cluster's MLflow server.
+export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
+
+log() { echo "local.sh: $*" >&2; }
+
+port_open() {  # port_open PORT -> 0 if something listens on 127.0.0.1:PORT
+  python - "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+s.settimeout(0.5)
+sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
+PY
+}
+
+ensure_token() {  # a random token only this cluster uses (mode 600)
+  [ -s "$RAY_AUTH_TOKEN_PATH" ] && return 0
+  (umask 077 && python -c "from ray._private.authentication.authentication_token_generator import generate_new_authentication_token as g; print(g(), end='')" >"$RAY_AUTH_TOKEN_PATH")
+}
+
+# Every process this cluster starts carries PIXELLM_LOCAL_CLUSTER=<cluster dir> in its environment
+# (Ray's agents rename themselves, e.g. "ray::DashboardAgent", so command lines are not enough); Ray
+# workers and job drivers inherit it from their raylet. `down` stops exactly those processes.
+MARKER="PIXELLM_LOCAL_CLUSTER=$CLUSTER_DIR"
+
+cluster_pids() {  # pids of processes started by this cluster (Ray and MLflow)
+  local pid
+  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "$MARKER"; then
+      echo "$pid"
+    fi
+  done
+}
+
+ray_running() { [ -n "$(cluster_pids)" ] && port_open "$RAY_PORT"; }
+
+mlflow_pid() {  # the recorded MLflow pid, if that process still runs
+  [ -f "$MLFLOW_PID_FILE" ] || return 1
+  local pid
+  pid="$(cat "$MLFLOW_PID_FILE")"
+  kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what="$2"
+  shift 2
+  until "$@"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "timed out waiting for $what (logs: $LOG_DIR, $RAY_TMP/session_latest/logs)"
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+mlflow_healthy() {
+  python - "$MLFLOW_PORT" <<'PY'
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2) as r:
+        sys.exit(0 if r.status == 200 else 1)
+except OSError:
+    sys.exit(1)
+PY
+}
+
+write_env() {
+  cat >"$ENV_FILE" <<EOF
+# Written by cluster/local.sh up; \`source\` it in the shell that submits jobs.
+export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+export PIXELLM_RAY_GCS_ADDRESS=127.0.0.1:$RAY_PORT
+export PIXELLM_RAY_CLIENT_ADDRESS=ray://127.0.0.1:$CLIENT_PORT
+export PATH="$VENV/bin:\$PATH"
+EOF
+}
+
+up_ray() {
+  if ray_running; then
+    log "Ray already runs from $RAY_TMP (dashboard http://127.0.0.1:$DASHBOARD_PORT); not starting another"
+    return 0
+  fi
+  local port
+  for port in "$RAY_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" "$HEAD_AGENT_PORT" "$WORKER_AGENT_PORT"; do
+    if port_open "$port"; then
+      log "port 127.0.0.1:$port is taken by another program; pick free ports with PIXELLM_RAY_*_PORT"
+      return 1
+    fi
+  done
+  ensure_token
+  log "starting Ray head on 127.0.0.1:$RAY_PORT (dashboard :$DASHBOARD_PORT, $HEAD_CPUS CPU)"
+  env "$MARKER" ray start --head \
+    --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+    --dashboard-agent-listen-port "$HEAD_AGENT_PORT" \
+    --ray-client-server-port "$CLIENT_PORT" \
+    --num-cpus "$HEAD_CPUS" --num-gpus 0 \
+    --temp-dir "$RAY_TMP" --disable-usage-stats \
+    >"$LOG_DIR/ray-head.log" 2>&1 || { cat "$LOG_DIR/ray-head.log" >&2; return 1; }
+  log "starting Ray worker node ($WORKER_CPUS CPU, resource local_worker=1)"
+  # `ray start --address` refuses to add a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ("multi-node
+  # clusters are not supported"); the explicit --node-ip-address keeps this node on loopback instead.
+  env "$MARKER" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 ray start --address "127.0.0.1:$RAY_PORT" \
+    --node-ip-address 127.0.0.1 \
+    --dashboard-agent-listen-port "$WORKER_AGENT_PORT" \
+    --num-cpus "$WORKER_CPUS" --num-gpus 0 --resources '{"local_worker": 1}' \
+    --temp-dir "$RAY_TMP" \
+    >"$LOG_DIR/ray-worker.log" 2>&1 || { cat "$LOG_DIR/ray-worker.log" >&2; return 1; }
+  wait_for 60 "the Ray dashboard" port_open "$DASHBOARD_PORT"
+}
+
+up_mlflow() {
+  if mlflow_pid >/dev/null; then
+    log "MLflow already runs (pid $(cat "$MLFLOW_PID_FILE"), http://127.0.0.1:$MLFLOW_PORT)"
+    return 0
+  fi
+  if port_open "$MLFLOW_PORT"; then
+    log "port 127.0.0.1:$MLFLOW_PORT is taken by another program; set PIXELLM_MLFLOW_PORT"
+    return 1
+  fi
+  mkdir -p "$CLUSTER_DIR/mlflow-artifacts"
+  log "starting MLflow on 127.0.0.1:$MLFLOW_PORT (store $CLUSTER_DIR/mlflow.db)"
+  # setsid: MLflow gets its own process group, so `down` stops the server and its workers together.
+  env "$MARKER" setsid mlflow server \
+    --backend-store-uri "sqlite:///$CLUSTER_DIR/mlflow.db" \
+    --artifacts-destination "$CLUSTER_DIR/mlflow-artifacts" \
+    --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    >"$LOG_DIR/mlflow.log" 2>&1 </dev/null &
+  echo $! >"$MLFLOW_PID_FILE"
+  wait_for 90 "MLflow /health" mlflow_healthy || { tail -n 30 "$LOG_DIR/mlflow.log" >&2; return 1; }
+}
+
+cmd_up() {
+  mkdir -p "$LOG_DIR"
+  up_ray
+  up_mlflow
+  write_env
+  log "up. Next: source $ENV_FILE"
+  echo "$ENV_FILE"
+}
+
+cmd_down() {
+  local pid pids deadline
+  pid="$(mlflow_pid || true)"
+  if [ -n "$pid" ]; then
+    log "stopping MLflow (process group $pid)"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 15))
+    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$MLFLOW_PID_FILE"
+  pids="$(cluster_pids)"
+  if [ -n "$pids" ]; then
+    log "stopping the processes of this cluster: $(echo $pids)"
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    deadline=$((SECONDS + 15))
+    while [ -n "$(cluster_pids)" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.3; done
+    pids="$(cluster_pids)"
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+  fi
+  rm -f "$ENV_FILE"
+  log "down"
+}
+
+cmd_status() {
+  local rc=0 pid
+  echo "cluster dir:  $CLUSTER_DIR"
+  if ray_running; then
+    echo "ray:          up  gcs 127.0.0.1:$RAY_PORT  dashboard http://127.0.0.1:$DASHBOARD_PORT  client ray://127.0.0.1:$CLIENT_PORT"
+    ray status --address "127.0.0.1:$RAY_PORT" 2>/dev/null | sed -n '/Resources/,$p' || true
+  else
+    echo "ray:          down"
+    rc=3
+  fi
+  if pid="$(mlflow_pid)" && mlflow_healthy; then
+    echo "mlflow:       up  http://127.0.0.1:$MLFLOW_PORT  (pid $pid)"
+  else
+    echo "mlflow:       down"
+    rc=3
+  fi
+  [ -f "$ENV_FILE" ] && echo "env file:     $ENV_FILE"
+  return "$rc"
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *)
+    echo "usage: cluster/local.sh up|down|status   (ports and sizes: see the header of this file)" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,152 @@
+"""Resumable checkpoints: the DeepSpeed engine state plus ``recipe_state.json``.
+
+A checkpoint directory (one per report, merged by Ray Train from every worker's files) holds::
+
+    ds/<tag>/...            DeepSpeed shards: module (rank 0), optimizer partitions (every rank),
+                            LR scheduler, engine counters
+    ds/latest               the tag (written by rank 0)
+    recipe_state.json       RecipeState: step, epoch, seed, config hash, data position, run id,
+                            and the flattened recipe it was trained with
+
+Resuming (``load_checkpoint``) restores the engine (weights, optimizer moments, LR schedule) and
+returns the RecipeState; when the saved recipe differs from the current one, a warning names every
+differing key and says that the current value wins.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "STATE_FILE",
+    "RecipeState",
+    "checkpoint_dir_name",
+    "diff_recipes",
+    "load_checkpoint",
+    "read_recipe_state",
+    "save_checkpoint",
+]
+
+STATE_FILE = "recipe_state.json"
+DS_SUBDIR = "ds"
+
+
+@dataclass
+class RecipeState:
+    """Where a run stands; written with every checkpoint.
+
+    Attributes:
+        step: optimizer steps completed (the next step to run is ``step + 1``).
+        epoch: epoch of the last completed step (0-based).
+        seed: ``train.seed`` of the run.
+        config_hash: ``recipe_hash`` of the recipe that produced the checkpoint.
+        micro_batches_consumed: per-rank micro-batches taken from the data stream so far (the
+            data position; equal on every rank).
+        mlflow_run_id: the run metrics go to (None when MLflow is disabled).
+        world_size: workers that wrote the ZeRO shards (a different world size cannot resume).
+        recipe: the flattened recipe (``section.key`` → value) used for the mismatch warning.
+    """
+
+    step: int
+    epoch: int
+    seed: int
+    config_hash: str
+    micro_batches_consumed: int
+    mlflow_run_id: str | None
+    world_size: int
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Directory name of the checkpoint of ``step`` under the run's storage (sortable)."""
+    return f"checkpoint_step_{step:07d}"
+
+
+def diff_recipes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two flattened recipes → ``(saved, current)``."""
+    keys = sorted(set(saved) | set(current))
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+
+
+def save_checkpoint(engine: Any, state: RecipeState, rank: int) -> Path:
+    """Write this rank's part of a checkpoint into a fresh local directory.
+
+    Every rank must call this (DeepSpeed's save is collective). Rank 0 also writes
+    ``recipe_state.json``. Hand the directory to ``ray.train.report`` and delete it afterwards.
+
+    Args:
+        engine: the ``deepspeed.DeepSpeedEngine``.
+        state: the state after ``state.step`` optimizer steps.
+        rank: this worker's world rank.
+
+    Returns:
+        The local directory holding this rank's files.
+    """
+    local = Path(tempfile.mkdtemp(prefix=f"pixellm-ckpt-r{rank}-"))
+    engine.save_checkpoint(str(local / DS_SUBDIR), tag=f"step{state.step}")
+    if rank == 0:
+        (local / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
+    return local
+
+
+def read_recipe_state(directory: str | Path) -> RecipeState:
+    """Read ``recipe_state.json`` from a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: the directory has no ``recipe_state.json`` (not a PixelLM checkpoint).
+    """
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: {directory} is not a PixelLM training checkpoint")
+    return RecipeState(**json.loads(path.read_text()))
+
+
+def load_checkpoint(
+    engine: Any, directory: str | Path, current_recipe: dict[str, Any], world_size: int
+) -> RecipeState:
+    """Restore the engine from a checkpoint directory and return its RecipeState.
+
+    Args:
+        engine: the freshly initialised ``deepspeed.DeepSpeedEngine`` (same ZeRO stage).
+        directory: a local copy of the checkpoint (``Checkpoint.as_directory()``).
+        current_recipe: the flattened recipe of this run (for the mismatch warning).
+        world_size: workers in this run.
+
+    Raises:
+        RuntimeError: the checkpoint was written by a different number of workers, or DeepSpeed
+            found no loadable state in it.
+    """
+    state = read_recipe_state(directory)
+    if state.world_size != world_size:
+        raise RuntimeError(
+            f"checkpoint {directory} was written by {state.world_size} workers but this run has "
+            f"{world_size} (train.num_workers); ZeRO shards cannot be re-partitioned here: resume "
+            f"with train.num_workers={state.world_size} or start a new train.run_name"
+        )
+    changed = diff_recipes(state.recipe, current_recipe)
+    for key, (old, new) in changed.items():
+        warnings.warn(
+            f"resuming from step {state.step}: {key} was {old!r} in the checkpoint, now {new!r}; "
+            "the current recipe's value wins",
+            stacklevel=2,
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(Path(directory) / DS_SUBDIR),
+        tag=f"step{state.step}",
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint for step {state.step} in {directory}")
+    return state
+
+
+def remove_local(directory: Path) -> None:
+    """Delete a local checkpoint staging directory (after Ray Train has persisted it)."""
+    shutil.rmtree(directory, ignore_errors=True)

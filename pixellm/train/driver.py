@@ -1,0 +1,203 @@
+"""The training driver: ``train(recipe) -> TrainResult``.
+
+Validates the recipe (before Ray starts), finds or creates the MLflow run, connects to Ray
+(``$RAY_ADDRESS`` or a local loopback cluster), builds one deterministic dataset per worker and runs
+a ``TorchTrainer``. Same storage path + run name = Ray Train V2 restores the run and the workers
+resume from ``ray.train.get_checkpoint()``.
+
+Data: each worker gets its own dataset ``train_rank{r}`` (seed ``train.seed``·1000 + r) covering all
+``train.total_steps`` steps, none of them split (``DataConfig(datasets_to_split=[])``). Each is an
+order-preserving, mixed stream, so the data position of a rank is just "micro-batches consumed"
+and resuming skips exactly those (they are still read and preprocessed, not trained on).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pixellm.config import ConfigError, Recipe, recipe_hash
+from pixellm.train.ds_config import derive_deepspeed_config, zero_stage
+from pixellm.train.run_tracking import ensure_run, flatten_recipe, resolve_tracking_uri
+
+__all__ = ["FAULT_ENV", "TrainResult", "build_loop_config", "train", "validate_for_training"]
+
+FAULT_ENV = "PIXELLM_TRAIN_FAULT"  # fault drill: "STEP:RANK:MARKER_PATH" (tests only)
+DATASET_PREFIX = "train_rank"
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced.
+
+    Attributes:
+        run_name: ``train.run_name``.
+        run_dir: ``<storage_path>/<run_name>`` (absolute).
+        export_dir: the consolidated ``from_pretrained`` directory.
+        checkpoint_path: the last reported checkpoint (None if none was reported this submission).
+        mlflow_run_id: the MLflow run (None when tracking is off).
+        metrics: the last metrics reported to Ray Train.
+    """
+
+    run_name: str
+    run_dir: Path
+    export_dir: Path
+    checkpoint_path: str | None
+    mlflow_run_id: str | None
+    metrics: dict[str, Any]
+
+
+def _check_shards(recipe: Recipe) -> None:
+    from pixellm.data.formats import DataError
+    from pixellm.data.stream import make_plan
+
+    try:
+        make_plan(recipe.data, recipe.data.train_split, 1, recipe.train.seed)
+    except DataError as err:
+        raise ConfigError(f"data: {err}") from None
+
+
+def validate_for_training(recipe: Recipe) -> dict[str, Any]:
+    """Every check that can fail before Ray starts; returns the derived DeepSpeed config.
+
+    Raises:
+        ConfigError: bad DeepSpeed JSON, precision/device mismatch, warm-up longer than the run,
+            missing shards, or MLflow enabled without a tracking URI.
+    """
+    ds = derive_deepspeed_config(recipe)
+    _check_shards(recipe)
+    if recipe.mlflow.enabled and not resolve_tracking_uri(recipe):
+        raise ConfigError(
+            "mlflow.enabled is true but mlflow.tracking_uri is null and MLFLOW_TRACKING_URI is unset; "
+            "set one (e.g. a server from pixellm.tracking.start_mlflow_server) or mlflow.enabled=false"
+        )
+    return ds
+
+
+def _storage(recipe: Recipe) -> str:
+    path = recipe.train.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _parse_fault(spec: str | None) -> dict[str, Any] | None:
+    if not spec:
+        return None
+    try:
+        step, rank, marker = spec.split(":", 2)
+        return {"step": int(step), "rank": int(rank), "marker": marker, "delay_s": 3.0}
+    except ValueError:
+        raise ConfigError(f"{FAULT_ENV}={spec!r} must look like STEP:RANK:MARKER_PATH") from None
+
+
+def build_loop_config(recipe: Recipe, ds_config: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+    """The ``train_loop_config`` every worker receives (JSON-serialisable, nothing else shared)."""
+    storage = _storage(recipe)
+    run_dir = f"{storage}/{recipe.train.run_name}"
+    return {
+        "recipe": recipe.model_dump(mode="json"),
+        "flat_recipe": flatten_recipe(recipe),
+        "config_hash": recipe_hash(recipe),
+        "ds_config": ds_config,
+        "zero_stage": zero_stage(ds_config),
+        "use_gpu": recipe.train.use_gpu,
+        "dataset_prefix": DATASET_PREFIX,
+        "tracking_uri": resolve_tracking_uri(recipe) if recipe.mlflow.enabled else None,
+        "mlflow_run_id": run_id,
+        "storage": run_dir,
+        "export_dir": str(Path(recipe.train.export_dir or f"{run_dir}/model").resolve()),
+        "registered_model_name": recipe.mlflow.registered_model_name,
+        "fault": _parse_fault(os.environ.get(FAULT_ENV)),
+    }
+
+
+def _init_ray(recipe: Recipe) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep a local cluster on 127.0.0.1
+    t = recipe.train
+    # Workers hold train.cpus_per_worker each; preprocessing needs its own slots next to them.
+    need = t.num_workers * (t.cpus_per_worker + 2 * recipe.data.preprocess_cpus)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+        include_dashboard=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}},
+    )
+
+
+def _datasets(recipe: Recipe) -> dict[str, Any]:
+    from pixellm.data.stream import build_train_dataset
+
+    t = recipe.train
+    rows = t.total_steps * t.grad_accum * t.micro_batch_size
+    return {
+        f"{DATASET_PREFIX}{r}": build_train_dataset(
+            recipe, recipe.data.train_split, rows, seed=t.seed * 1000 + r
+        )
+        for r in range(t.num_workers)
+    }
+
+
+def _trainer(recipe: Recipe, loop_config: dict[str, Any]) -> Any:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pixellm.train.loop import train_loop_per_worker
+
+    t = recipe.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=_storage(recipe),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}},
+        ),
+        datasets=_datasets(recipe),
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Train PixelLM with Ray Train + DeepSpeed and export it; resumes a run of the same name.
+
+    Args:
+        recipe: a validated recipe.
+
+    Returns:
+        The run's ``TrainResult``.
+
+    Raises:
+        ConfigError: the recipe cannot be trained (raised before Ray starts).
+        ray.train.TrainingFailedError: training failed more than ``train.max_failures`` times.
+    """
+    ds_config = validate_for_training(recipe)
+    tracking_uri = resolve_tracking_uri(recipe) if recipe.mlflow.enabled else None
+    run_id = ensure_run(recipe, tracking_uri) if tracking_uri else None
+    loop_config = build_loop_config(recipe, ds_config, run_id)
+    _init_ray(recipe)
+    result = _trainer(recipe, loop_config).fit()
+    if result.error is not None:
+        raise result.error
+    return TrainResult(
+        run_name=recipe.train.run_name,
+        run_dir=Path(loop_config["storage"]),
+        export_dir=Path(loop_config["export_dir"]),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        mlflow_run_id=run_id,
+        metrics=dict(result.metrics or {}),
+    )

@@ -1,0 +1,61 @@
+"""Export the trained model as a ``from_pretrained`` directory (safetensors), also from ZeRO-3.
+
+Under ZeRO-0/1/2 every rank holds the full weights, so rank 0 saves its module. Under ZeRO-3 the
+parameters are partitioned: every rank must take part in DeepSpeed's consolidation
+(``engine._zero3_consolidated_16bit_state_dict``, which gathers one layer at a time with
+``deepspeed.zero.GatheredParameters``) and rank 0 receives the full state dict. No user-run
+``zero_to_fp32`` conversion is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["export_model", "gather_full_state_dict"]
+
+
+def gather_full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] | None:
+    """The full model state dict on rank 0 (None elsewhere). Collective under ZeRO-3.
+
+    Args:
+        engine: the ``deepspeed.DeepSpeedEngine`` wrapping PixelLM.
+        stage: the ZeRO stage of the run.
+
+    Returns:
+        ``model.state_dict()``-keyed CPU tensors on rank 0 (fp32 copies of bf16 weights), else None.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if state is None:
+        return None
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def export_model(engine: Any, stage: int, out_dir: str | Path) -> Path | None:
+    """Write the consolidated model with ``PixelLM.save_pretrained`` (rank 0); all ranks call this.
+
+    Args:
+        engine: the DeepSpeed engine (``engine.module`` is the PixelLM).
+        stage: the ZeRO stage.
+        out_dir: destination directory (created, overwritten).
+
+    Returns:
+        The directory on rank 0, None on other ranks.
+    """
+    state = gather_full_state_dict(engine, stage)
+    if state is None:
+        return None
+    model = engine.module
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise RuntimeError(f"consolidated state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.save_pretrained(out_dir, state_dict=state)

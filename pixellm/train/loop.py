@@ -1,0 +1,244 @@
+"""The per-worker training function run by Ray Train's ``TorchTrainer`` on every worker.
+
+Everything comes from ``train_loop_config`` (built by ``pixellm.train.driver.build_loop_config``):
+the serialised recipe, the derived DeepSpeed config, the MLflow run id and tracking URI, the export
+directory and an optional fault-drill spec. Nothing is read from driver globals.
+
+Step accounting: ``step`` counts optimizer steps (1-based once done); one step = ``grad_accum``
+micro-batches on every rank, and every rank runs exactly ``train.total_steps`` steps, so DeepSpeed's
+collectives always line up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixellm.config import Recipe
+from pixellm.train.checkpoint import (
+    RecipeState,
+    checkpoint_dir_name,
+    load_checkpoint,
+    remove_local,
+    save_checkpoint,
+)
+from pixellm.train.run_tracking import RunLogger
+
+__all__ = ["LOSS_KEYS", "StepStats", "train_loop_per_worker"]
+
+LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice")
+_MODEL_KEYS = ("pixel_values", "valid_hw", "input_ids", "attention_mask", "labels", "gt_masks")
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step produced on this rank (losses averaged over micro-batches)."""
+
+    losses: dict[str, float]
+    samples: int
+    tokens: int
+    seconds: float
+
+
+def log_rank0(rank: int, message: str) -> None:
+    """Print a progress line from rank 0 only (Ray forwards worker stdout to the driver)."""
+    if rank == 0:
+        print(f"[pixellm.train] {message}", flush=True)
+
+
+def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """Build PixelLM and wrap it in a DeepSpeed engine (AdamW + WarmupDecayLR from ``ds_config``).
+
+    Only parameters with ``requires_grad`` reach the optimizer. The seed is the same on every rank
+    so LoRA initialisation agrees before DeepSpeed broadcasts.
+
+    Returns:
+        ``(engine, model)``.
+    """
+    import deepspeed  # imported here: import-time problems on CPU nodes (platform facts)
+
+    from pixellm.model import build_pixellm
+
+    torch.manual_seed(recipe.train.seed)
+    model = build_pixellm(recipe.model)
+    if recipe.train.use_gpu:
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_config, dist_init_required=False
+    )
+    return engine, model
+
+
+def _shard_batches(dataset_name: str, micro: int) -> Iterator[dict[str, Any]]:
+    """Endless collated micro-batches of this rank's dataset (restarts it if it runs short)."""
+    import ray.train
+
+    from pixellm.data.collate import collate_batch
+
+    shard = ray.train.get_dataset_shard(dataset_name)
+    passes = 0
+    while True:
+        got = 0
+        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True):
+            got += 1
+            yield collate_batch(batch)
+        passes += 1
+        if got == 0:
+            raise RuntimeError(f"dataset {dataset_name} yielded no batch of {micro} rows")
+        print(f"[pixellm.train] {dataset_name} ran out after {got} batches; restarting it", flush=True)
+
+
+def data_stream(dataset_name: str, micro: int, skip: int) -> Iterator[dict[str, Any]]:
+    """This rank's micro-batches from data position ``skip`` (micro-batches already trained on)."""
+    it = _shard_batches(dataset_name, micro)
+    for _ in range(skip):  # the per-rank stream is deterministic (preserve_order): skip = resume
+        next(it)
+    return it
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for k in _MODEL_KEYS:
+        v = batch[k]
+        out[k] = [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
+    return out
+
+
+def train_step(engine: Any, batches: Iterator[dict[str, Any]], grad_accum: int) -> StepStats:
+    """One optimizer step: ``grad_accum`` forward/backward passes, then ``engine.step()``."""
+    start = time.perf_counter()
+    totals = {k: torch.zeros(()) for k in LOSS_KEYS}
+    samples = tokens = 0
+    for _ in range(grad_accum):
+        batch = _to_device(next(batches), engine.device)
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        for k in LOSS_KEYS:
+            totals[k] += getattr(out, k).detach().float().cpu()
+        samples += batch["input_ids"].shape[0]
+        tokens += int(batch["attention_mask"].sum())
+    losses = {k: float(v) / grad_accum for k, v in totals.items()}
+    return StepStats(losses, samples, tokens, time.perf_counter() - start)
+
+
+def _lr(engine: Any) -> float:
+    return float(engine.get_lr()[0])
+
+
+def _report_checkpoint(engine: Any, state: RecipeState, rank: int, logger: RunLogger | None,
+                       storage: str) -> None:
+    """Save this rank's shards, report them to Ray Train (a barrier), then flush rank 0's metrics."""
+    import ray.train
+
+    local = save_checkpoint(engine, state, rank)
+    name = checkpoint_dir_name(state.step)
+    ray.train.report(
+        {"step": state.step, "epoch": state.epoch},
+        checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+        checkpoint_dir_name=name,
+    )
+    remove_local(local)
+    if logger is not None:
+        logger.flush()
+        logger.set_tags({"checkpoint.latest": f"{storage}/{name}", "checkpoint.latest_step": state.step})
+
+
+def _maybe_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
+    """Fault drill: the chosen rank really dies (SIGKILL) once, after ``fault['step']``."""
+    if not fault or fault["step"] != step or fault["rank"] != rank:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed pid {os.getpid()} at step {step}\n")
+    time.sleep(float(fault["delay_s"]))  # let the controller register the last checkpoint
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _restore(engine: Any, cfg: dict[str, Any], world: int) -> RecipeState | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_checkpoint(engine, directory, cfg["flat_recipe"], world)
+
+
+def _progress(rank: int, step: int, total: int, stats: StepStats, lr: float, t0: float,
+              first: int, world: int) -> dict[str, float]:
+    sps = stats.samples * world / max(stats.seconds, 1e-9)
+    metrics = {**stats.losses, "lr": lr, "samples_per_s": sps,
+               "tokens_per_s": stats.tokens * world / max(stats.seconds, 1e-9)}
+    done = step - first
+    eta = (time.perf_counter() - t0) / max(done, 1) * (total - step)
+    losses = " ".join(f"{k}={v:.4f}" for k, v in stats.losses.items())
+    log_rank0(rank, f"step {step}/{total} {losses} lr={lr:.2e} samples/s={sps:.2f} ETA {eta:.0f}s")
+    return metrics
+
+
+def _finish(engine: Any, cfg: dict[str, Any], stage: int, rank: int, logger: RunLogger | None) -> None:
+    from pixellm.train.export import export_model
+
+    out = export_model(engine, stage, cfg["export_dir"])
+    if rank != 0 or out is None:
+        return
+    log_rank0(rank, f"exported model to {out}")
+    if logger is not None and logger.run_id:
+        from pixellm.train.pyfunc import log_pyfunc_model
+
+        logger.set_tags({"export_dir": str(out)})
+        uri = log_pyfunc_model(logger.tracking_uri, logger.run_id, out, cfg["registered_model_name"])
+        log_rank0(rank, f"logged pyfunc model {uri} as {cfg['registered_model_name']}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Your training function that Ray Train launches on each worker.
+
+    Args:
+        config: ``train_loop_config`` from the driver: ``recipe`` (JSON dump), ``flat_recipe``,
+            ``config_hash``, ``ds_config``, ``zero_stage``, ``dataset_prefix``, ``tracking_uri``,
+            ``mlflow_run_id``, ``storage``, ``export_dir``, ``registered_model_name``, ``fault``.
+    """
+    import ray.train
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+    recipe = Recipe.model_validate(config["recipe"])
+    t = recipe.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    engine, _ = setup_model_and_optimizer(recipe, config["ds_config"])
+    state = _restore(engine, config, world) or RecipeState(
+        0, 0, t.seed, config["config_hash"], 0, config["mlflow_run_id"], world, config["flat_recipe"]
+    )
+    state.config_hash, state.recipe = config["config_hash"], config["flat_recipe"]
+    total = t.total_steps
+    log_rank0(rank, f"{'resuming at' if state.step else 'starting'} step {state.step}/{total}, "
+                    f"{world} workers, ZeRO-{config['zero_stage']}, run {config['mlflow_run_id']}")
+    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    batches = data_stream(f"{config['dataset_prefix']}{rank}", t.micro_batch_size,
+                          state.micro_batches_consumed)
+    first, t0 = state.step, time.perf_counter()
+    engine.train()
+    while state.step < total:
+        stats = train_step(engine, batches, t.grad_accum)
+        state.step += 1
+        state.epoch = (state.step - 1) // t.steps_per_epoch
+        state.micro_batches_consumed += t.grad_accum
+        if state.step % t.log_every == 0 or state.step == total:
+            metrics = _progress(rank, state.step, total, stats, _lr(engine), t0, first, world)
+            if logger is not None:
+                logger.add_metrics(state.step, {**metrics, "epoch": state.epoch})
+        if state.step % t.checkpoint_every == 0 or state.step == total:
+            _report_checkpoint(engine, state, rank, logger, config["storage"])
+        _maybe_fault(config["fault"], state.step, rank)
+    _finish(engine, config, config["zero_stage"], rank, logger)
