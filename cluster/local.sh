@@ -24,6 +24,14 @@
 # which `up` sets for Ray and MLflow alone; Ray itself uses this cluster's own --temp-dir.
 set -euo pipefail
 
+case "${1:-}" in
+  up | down | status) ;;
+  *)
+    echo "usage: cluster/local.sh up|down|status   (ports and sizes: see the header of this file)" >&2
+    exit 2
+    ;;
+esac
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
@@ -77,18 +85,37 @@ ensure_token() {  # a random token only this cluster uses (mode 600)
   (umask 077 && python -c "from ray._private.authentication.authentication_token_generator import generate_new_authentication_token as g; print(g(), end='')" >"$RAY_AUTH_TOKEN_PATH")
 }
 
-# Every process this cluster starts carries PIXELLM_LOCAL_CLUSTER=<cluster dir> in its environment
-# (Ray's agents rename themselves, e.g. "ray::DashboardAgent", so command lines are not enough); Ray
-# workers and job drivers inherit it from their raylet. `down` stops exactly those processes.
+# Every process this cluster starts carries PIXELLM_LOCAL_CLUSTER=<cluster dir> in its environment.
+# Ray's Python agents and workers rename themselves with setproctitle ("ray::DashboardAgent"), which
+# can overwrite their environment block, so their descendants of marked processes count too.
+# `down` stops exactly those processes.
 MARKER="PIXELLM_LOCAL_CLUSTER=$CLUSTER_DIR"
 
-cluster_pids() {  # pids of processes started by this cluster (Ray and MLflow)
-  local pid
+cluster_pids() {  # pids of processes started by this cluster (Ray and MLflow), with descendants
+  local pid ppid rest marked="" all=""
   for pid in $(ls /proc | grep -E '^[0-9]+$'); do
     if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "$MARKER"; then
-      echo "$pid"
+      marked="$marked $pid"
     fi
   done
+  [ -n "$marked" ] || return 0
+  # pid -> parent pid table, then a breadth-first walk down from the marked processes.
+  all="$(for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    read -r _ rest 2>/dev/null <"/proc/$pid/stat" || continue
+    ppid="$(echo "${rest##*) }" | cut -d' ' -f2)"
+    echo "$pid $ppid"
+  done)"
+  echo "$all" | awk -v seeds="$marked" '
+    { parent[$1] = $2; kids[$2] = kids[$2] " " $1 }
+    END {
+      n = split(seeds, queue, " "); head = 1
+      for (i = 1; i <= n; i++) seen[queue[i]] = 1
+      while (head <= n) {
+        p = queue[head++]; m = split(kids[p], k, " ")
+        for (j = 1; j <= m; j++) if (!(k[j] in seen)) { seen[k[j]] = 1; queue[++n] = k[j] }
+      }
+      for (p in seen) if (p in parent) print p
+    }'
 }
 
 ray_running() { [ -n "$(cluster_pids)" ] && port_open "$RAY_PORT"; }
@@ -160,9 +187,22 @@ up_ray() {
     --temp-dir "$RAY_TMP" --disable-usage-stats \
     >"$LOG_DIR/ray-head.log" 2>&1 || { cat "$LOG_DIR/ray-head.log" >&2; return 1; }
   log "starting Ray worker node ($WORKER_CPUS CPU, resource local_worker=1)"
-  # `ray start --address` refuses to add a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ("multi-node
-  # clusters are not supported"); the explicit --node-ip-address keeps this node on loopback instead.
-  env "$MARKER" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 ray start --address "127.0.0.1:$RAY_PORT" \
+  # Ray 2.60's `ray start --address` cannot join a loopback-only head as-is: with
+  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it refuses ("multi-node clusters are not supported on Windows
+  # and OSX"), and with =1 it rewrites the address 127.0.0.1 to the machine's network IP, where the
+  # loopback-bound GCS does not listen. This launcher runs the same `ray start` CLI with exactly those
+  # two behaviours switched off; every process it starts keeps RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and
+  # --node-ip-address 127.0.0.1, so the worker node stays on loopback.
+  env "$MARKER" python -c '
+import sys
+import ray._private.ray_constants as ray_constants
+import ray._private.services as services
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+sys.exit(main())
+' start --address "127.0.0.1:$RAY_PORT" \
     --node-ip-address 127.0.0.1 \
     --dashboard-agent-listen-port "$WORKER_AGENT_PORT" \
     --num-cpus "$WORKER_CPUS" --num-gpus 0 --resources '{"local_worker": 1}' \
@@ -202,7 +242,7 @@ cmd_up() {
 }
 
 cmd_down() {
-  local pid pids deadline
+  local pid pids deadline left=""
   pid="$(mlflow_pid || true)"
   if [ -n "$pid" ]; then
     log "stopping MLflow (process group $pid)"
@@ -217,11 +257,17 @@ cmd_down() {
     log "stopping the processes of this cluster: $(echo $pids)"
     # shellcheck disable=SC2086
     kill -TERM $pids 2>/dev/null || true
-    deadline=$((SECONDS + 15))
-    while [ -n "$(cluster_pids)" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.3; done
-    pids="$(cluster_pids)"
+    # Ray's agents can outlive their raylet and ignore SIGTERM: wait, then SIGKILL what is left of
+    # the set found above (the walk cannot find orphans once their raylet is gone).
+    deadline=$((SECONDS + 10))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+      left=""
+      for pid in $pids; do kill -0 "$pid" 2>/dev/null && left="$left $pid"; done
+      [ -z "$left" ] && break
+      sleep 0.3
+    done
     # shellcheck disable=SC2086
-    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+    [ -z "$left" ] || kill -KILL $left 2>/dev/null || true
   fi
   rm -f "$ENV_FILE"
   log "down"
@@ -247,12 +293,8 @@ cmd_status() {
   return "$rc"
 }
 
-case "${1:-}" in
+case "$1" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *)
-    echo "usage: cluster/local.sh up|down|status   (ports and sizes: see the header of this file)" >&2
-    exit 2
-    ;;
 esac

@@ -1,52 +1,52 @@
-"""PixelLM data: generated corpus, format converters, Parquet shards and the mixed training stream."""
+"""PixelLM data: generated corpus, format converters, Parquet shards and the mixed training stream.
 
-from pixellm.data.collate import collate_batch, make_collate, unpack_masks
-from pixellm.data.corpus import CorpusSummary, generate_corpus
-from pixellm.data.formats import DataError, RestrictedUnpickler, load_refs, parse_format
-from pixellm.data.schema import (
-    CORPUS_BY_FORMAT,
-    FORMATS,
-    SCHEMA_VERSION,
-    SHARD_SCHEMA,
-    Reject,
-    rle_to_mask,
-    segmentation_to_rle,
-)
-from pixellm.data.shards import BuildResult, build_shards, materialize, read_manifest
-from pixellm.data.stream import (
-    PlanChunkPreprocess,
-    PreprocessBatch,
-    build_train_dataset,
-    iter_local_batches,
-    make_plan,
-    mixture_counts,
-)
+Names are imported lazily (PEP 562): Ray workers that only write shards import
+``pixellm.data.writer`` without paying for torch / transformers.
+"""
 
-__all__ = [
-    "CORPUS_BY_FORMAT",
-    "FORMATS",
-    "SCHEMA_VERSION",
-    "SHARD_SCHEMA",
-    "BuildResult",
-    "CorpusSummary",
-    "DataError",
-    "PlanChunkPreprocess",
-    "PreprocessBatch",
-    "Reject",
-    "RestrictedUnpickler",
-    "build_shards",
-    "build_train_dataset",
-    "collate_batch",
-    "generate_corpus",
-    "iter_local_batches",
-    "load_refs",
-    "make_collate",
-    "make_plan",
-    "materialize",
-    "mixture_counts",
-    "parse_format",
-    "read_manifest",
-    "rle_to_mask",
-    "segmentation_to_rle",
-    "unpack_masks",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "collate_batch": "collate",
+    "make_collate": "collate",
+    "unpack_masks": "collate",
+    "CorpusSummary": "corpus",
+    "generate_corpus": "corpus",
+    "DataError": "formats",
+    "RestrictedUnpickler": "formats",
+    "load_refs": "formats",
+    "parse_format": "formats",
+    "CORPUS_BY_FORMAT": "schema",
+    "FORMATS": "schema",
+    "SCHEMA_VERSION": "schema",
+    "SHARD_SCHEMA": "schema",
+    "Reject": "schema",
+    "rle_to_mask": "schema",
+    "segmentation_to_rle": "schema",
+    "BuildResult": "shards",
+    "build_shards": "shards",
+    "read_manifest": "shards",
+    "materialize": "writer",
+    "write_shard": "writer",
+    "PlanChunkPreprocess": "stream",
+    "PreprocessBatch": "stream",
+    "build_train_dataset": "stream",
+    "iter_local_batches": "stream",
+    "make_plan": "stream",
+    "mixture_counts": "stream",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pixellm.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pixellm.data.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

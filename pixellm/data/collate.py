@@ -32,7 +32,7 @@ def _pad(seqs: list[np.ndarray], value: int) -> torch.Tensor:
     t = max(len(s) for s in seqs)
     out = torch.full((len(seqs), t), value, dtype=torch.long)
     for b, s in enumerate(seqs):
-        out[b, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        out[b, : len(s)] = torch.tensor(np.asarray(s, dtype=np.int64))
     return out
 
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from pixellm.config import ServeConfig
 
 __all__ = [
+    "DEPLOYMENT_NAME",
     "ErrorResponse",
     "Limits",
     "RequestError",
@@ -41,6 +42,8 @@ __all__ = [
     "parse_segment_request",
     "prediction_to_response",
 ]
+
+DEPLOYMENT_NAME = "PixelLM"  # the deployment of the app, for serve.get_deployment_handle
 
 # Encoded bytes allowed per pixel of the limit: PNG of RGB noise is ~3 B/px; headers add a little.
 _BYTES_PER_PIXEL = 4

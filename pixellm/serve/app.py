@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pixellm.config import ConfigError, ServeConfig, load_recipe
 from pixellm.model import PixelLM, Prediction
 from pixellm.serve.api import (
+    DEPLOYMENT_NAME,
     ErrorResponse,
     Limits,
     RequestError,
@@ -56,7 +57,6 @@ __all__ = [
 
 logger = logging.getLogger("ray.serve")
 
-DEPLOYMENT_NAME = "PixelLM"
 # ServeConfig fields a replica applies in reconfigure() (the rest are deployment options).
 USER_CONFIG_KEYS = (
     "max_batch_size",
@@ -177,9 +177,20 @@ class PixelLMDeployment:
         return await asyncio.to_thread(run_jobs, self.model, jobs)
 
     def _check_length(self, job: SegmentJob, where: str) -> None:
-        budget = 0 if job.answer is not None else job.max_new_tokens
-        used = prompt_tokens(self.model, job.question) + budget
+        """Refuse a job whose token sequence would not fit ``model.max_length`` (before batching,
+        so one bad job cannot fail the batch it would have joined)."""
         limit = self.model.config.max_length
+        if job.answer is not None:
+            conv = [
+                {"role": "user", "text": job.question},
+                {"role": "assistant", "text": job.answer},
+            ]
+            try:
+                self.model.processor.encode_conversation(conv)
+            except ValueError as err:
+                raise RequestError(422, f"{where}: {err}") from err
+            return
+        used = prompt_tokens(self.model, job.question) + job.max_new_tokens
         if used > limit:
             raise RequestError(
                 422,
@@ -262,24 +273,15 @@ class PixelLMDeployment:
         """
         sid = str(sample["sample_id"])
         try:
+            question = str(sample["question"]).strip()
+            if not question:
+                raise RequestError(422, f"{sid}: the row has no question (first user turn)")
             pixels = decode_image(sample["image"], self.limits.max_image_pixels, sid)
-            job = SegmentJob(
-                pixels,
-                sample["question"].strip(),
-                int(sample["max_new_tokens"]),
-                sample.get("answer"),
-            )
+            job = SegmentJob(pixels, question, int(sample["max_new_tokens"]), sample.get("answer"))
             pred = await self._answer(job, sid)
-        except (RequestError, ValueError) as err:
-            msg = err.message if isinstance(err, RequestError) else f"{sid}: {err}"
-            return {
-                "sample_id": sid,
-                "text": "",
-                "masks": [],
-                "scores": [],
-                "num_tokens": 0,
-                "error": msg,
-            }
+        except RequestError as err:
+            empty: dict[str, Any] = {"text": "", "masks": [], "scores": [], "num_tokens": 0}
+            return {"sample_id": sid, **empty, "error": err.message}
         return {
             "sample_id": sid,
             "text": pred.text,

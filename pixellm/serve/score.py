@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pixellm.config import ConfigError, load_recipe
-from pixellm.serve.app import DEPLOYMENT_NAME, build_app
+from pixellm.serve.api import DEPLOYMENT_NAME
 from pixellm.serve.scoring_io import (
     append_results,
     read_done_ids,
@@ -212,6 +212,7 @@ def _stream(opts: ScoreOptions, done: set[str], max_new_tokens: int, batch_size:
 def _deploy(opts: ScoreOptions) -> None:
     from ray import serve
 
+    from pixellm.serve.app import build_app  # torch + the model: only where it is deployed
     from pixellm.tracking import free_port
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})

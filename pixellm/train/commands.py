@@ -9,7 +9,9 @@ __all__ = ["add_train_arguments", "register", "run_train"]
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments shared by ``pixellm train`` and ``jobs/train.py``."""
-    parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. platform/recipes/tiny.yaml")
+    parser.add_argument(
+        "--recipe", required=True, help="recipe YAML, e.g. platform/recipes/tiny.yaml"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -23,7 +23,15 @@ from pixellm.config import ConfigError, Recipe, recipe_hash
 from pixellm.train.ds_config import derive_deepspeed_config, zero_stage
 from pixellm.train.run_tracking import ensure_run, flatten_recipe, resolve_tracking_uri
 
-__all__ = ["FAULT_ENV", "TrainResult", "build_loop_config", "train", "validate_for_training"]
+__all__ = [
+    "FAULT_ENV",
+    "TrainResult",
+    "build_loop_config",
+    "init_ray",
+    "make_trainer",
+    "train",
+    "validate_for_training",
+]
 
 FAULT_ENV = "PIXELLM_TRAIN_FAULT"  # fault drill: "STEP:RANK:MARKER_PATH" (tests only)
 DATASET_PREFIX = "train_rank"
@@ -92,7 +100,9 @@ def _parse_fault(spec: str | None) -> dict[str, Any] | None:
         raise ConfigError(f"{FAULT_ENV}={spec!r} must look like STEP:RANK:MARKER_PATH") from None
 
 
-def build_loop_config(recipe: Recipe, ds_config: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+def build_loop_config(
+    recipe: Recipe, ds_config: dict[str, Any], run_id: str | None
+) -> dict[str, Any]:
     """The ``train_loop_config`` every worker receives (JSON-serialisable, nothing else shared)."""
     storage = _storage(recipe)
     run_dir = f"{storage}/{recipe.train.run_name}"
@@ -113,7 +123,8 @@ def build_loop_config(recipe: Recipe, ds_config: dict[str, Any], run_id: str | N
     }
 
 
-def _init_ray(recipe: Recipe) -> None:
+def init_ray(recipe: Recipe) -> None:
+    """Connect to ``$RAY_ADDRESS`` or start a local cluster on 127.0.0.1 (no-op if connected)."""
     import ray
 
     if ray.is_initialized():
@@ -145,7 +156,8 @@ def _datasets(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _trainer(recipe: Recipe, loop_config: dict[str, Any]) -> Any:
+def make_trainer(recipe: Recipe, loop_config: dict[str, Any], datasets: dict[str, Any]) -> Any:
+    """The ``TorchTrainer`` for a recipe (``datasets``: ``train_rank{r}`` → Ray Dataset per worker)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -167,7 +179,7 @@ def _trainer(recipe: Recipe, loop_config: dict[str, Any]) -> Any:
             failure_config=FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}},
         ),
-        datasets=_datasets(recipe),
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
 
@@ -189,8 +201,8 @@ def train(recipe: Recipe) -> TrainResult:
     tracking_uri = resolve_tracking_uri(recipe) if recipe.mlflow.enabled else None
     run_id = ensure_run(recipe, tracking_uri) if tracking_uri else None
     loop_config = build_loop_config(recipe, ds_config, run_id)
-    _init_ray(recipe)
-    result = _trainer(recipe, loop_config).fit()
+    init_ray(recipe)
+    result = make_trainer(recipe, loop_config, _datasets(recipe)).fit()
     if result.error is not None:
         raise result.error
     return TrainResult(

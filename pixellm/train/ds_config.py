@@ -71,7 +71,9 @@ def load_deepspeed_json(path: str) -> dict[str, Any]:
         )
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.deepspeed_config={path!r}: zero_optimization.stage={stage!r} not in 0-3")
+        raise ConfigError(
+            f"train.deepspeed_config={path!r}: zero_optimization.stage={stage!r} not in 0-3"
+        )
     return cfg
 
 

@@ -57,5 +57,7 @@ def export_model(engine: Any, stage: int, out_dir: str | Path) -> Path | None:
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     if missing:
-        raise RuntimeError(f"consolidated state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise RuntimeError(
+            f"consolidated state dict lacks {len(missing)} tensors, e.g. {missing[:3]}"
+        )
     return model.save_pretrained(out_dir, state_dict=state)

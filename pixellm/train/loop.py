@@ -93,7 +93,9 @@ def _shard_batches(dataset_name: str, micro: int) -> Iterator[dict[str, Any]]:
         passes += 1
         if got == 0:
             raise RuntimeError(f"dataset {dataset_name} yielded no batch of {micro} rows")
-        print(f"[pixellm.train] {dataset_name} ran out after {got} batches; restarting it", flush=True)
+        print(
+            f"[pixellm.train] {dataset_name} ran out after {got} batches; restarting it", flush=True
+        )
 
 
 def data_stream(dataset_name: str, micro: int, skip: int) -> Iterator[dict[str, Any]]:
@@ -134,22 +136,31 @@ def _lr(engine: Any) -> float:
     return float(engine.get_lr()[0])
 
 
-def _report_checkpoint(engine: Any, state: RecipeState, rank: int, logger: RunLogger | None,
-                       storage: str) -> None:
+def _report_checkpoint(
+    engine: Any,
+    state: RecipeState,
+    rank: int,
+    logger: RunLogger | None,
+    storage: str,
+    step_seconds: list[float],
+) -> None:
     """Save this rank's shards, report them to Ray Train (a barrier), then flush rank 0's metrics."""
     import ray.train
 
     local = save_checkpoint(engine, state, rank)
     name = checkpoint_dir_name(state.step)
     ray.train.report(
-        {"step": state.step, "epoch": state.epoch},
+        {"step": state.step, "epoch": state.epoch, "step_seconds": list(step_seconds)},
         checkpoint=ray.train.Checkpoint.from_directory(str(local)),
         checkpoint_dir_name=name,
     )
     remove_local(local)
+    step_seconds.clear()
     if logger is not None:
         logger.flush()
-        logger.set_tags({"checkpoint.latest": f"{storage}/{name}", "checkpoint.latest_step": state.step})
+        logger.set_tags(
+            {"checkpoint.latest": f"{storage}/{name}", "checkpoint.latest_step": state.step}
+        )
 
 
 def _maybe_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
@@ -174,11 +185,16 @@ def _restore(engine: Any, cfg: dict[str, Any], world: int) -> RecipeState | None
         return load_checkpoint(engine, directory, cfg["flat_recipe"], world)
 
 
-def _progress(rank: int, step: int, total: int, stats: StepStats, lr: float, t0: float,
-              first: int, world: int) -> dict[str, float]:
+def _progress(
+    rank: int, step: int, total: int, stats: StepStats, lr: float, t0: float, first: int, world: int
+) -> dict[str, float]:
     sps = stats.samples * world / max(stats.seconds, 1e-9)
-    metrics = {**stats.losses, "lr": lr, "samples_per_s": sps,
-               "tokens_per_s": stats.tokens * world / max(stats.seconds, 1e-9)}
+    metrics = {
+        **stats.losses,
+        "lr": lr,
+        "samples_per_s": sps,
+        "tokens_per_s": stats.tokens * world / max(stats.seconds, 1e-9),
+    }
     done = step - first
     eta = (time.perf_counter() - t0) / max(done, 1) * (total - step)
     losses = " ".join(f"{k}={v:.4f}" for k, v in stats.losses.items())
@@ -186,7 +202,9 @@ def _progress(rank: int, step: int, total: int, stats: StepStats, lr: float, t0:
     return metrics
 
 
-def _finish(engine: Any, cfg: dict[str, Any], stage: int, rank: int, logger: RunLogger | None) -> None:
+def _finish(
+    engine: Any, cfg: dict[str, Any], stage: int, rank: int, logger: RunLogger | None
+) -> None:
     from pixellm.train.export import export_model
 
     out = export_model(engine, stage, cfg["export_dir"])
@@ -197,7 +215,9 @@ def _finish(engine: Any, cfg: dict[str, Any], stage: int, rank: int, logger: Run
         from pixellm.train.pyfunc import log_pyfunc_model
 
         logger.set_tags({"export_dir": str(out)})
-        uri = log_pyfunc_model(logger.tracking_uri, logger.run_id, out, cfg["registered_model_name"])
+        uri = log_pyfunc_model(
+            logger.tracking_uri, logger.run_id, out, cfg["registered_model_name"]
+        )
         log_rank0(rank, f"logged pyfunc model {uri} as {cfg['registered_model_name']}")
 
 
@@ -218,19 +238,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     engine, _ = setup_model_and_optimizer(recipe, config["ds_config"])
     state = _restore(engine, config, world) or RecipeState(
-        0, 0, t.seed, config["config_hash"], 0, config["mlflow_run_id"], world, config["flat_recipe"]
+        0,
+        0,
+        t.seed,
+        config["config_hash"],
+        0,
+        config["mlflow_run_id"],
+        world,
+        config["flat_recipe"],
     )
     state.config_hash, state.recipe = config["config_hash"], config["flat_recipe"]
     total = t.total_steps
-    log_rank0(rank, f"{'resuming at' if state.step else 'starting'} step {state.step}/{total}, "
-                    f"{world} workers, ZeRO-{config['zero_stage']}, run {config['mlflow_run_id']}")
+    log_rank0(
+        rank,
+        f"{'resuming at' if state.step else 'starting'} step {state.step}/{total}, "
+        f"{world} workers, ZeRO-{config['zero_stage']}, run {config['mlflow_run_id']}",
+    )
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    batches = data_stream(f"{config['dataset_prefix']}{rank}", t.micro_batch_size,
-                          state.micro_batches_consumed)
+    if logger is not None and state.step:
+        logger.set_tags({"resumed_from_step": state.step})
+    batches = data_stream(
+        f"{config['dataset_prefix']}{rank}", t.micro_batch_size, state.micro_batches_consumed
+    )
     first, t0 = state.step, time.perf_counter()
+    step_seconds: list[float] = []  # wall time of each step since the last report
     engine.train()
     while state.step < total:
         stats = train_step(engine, batches, t.grad_accum)
+        step_seconds.append(stats.seconds)
         state.step += 1
         state.epoch = (state.step - 1) // t.steps_per_epoch
         state.micro_batches_consumed += t.grad_accum
@@ -239,6 +274,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if logger is not None:
                 logger.add_metrics(state.step, {**metrics, "epoch": state.epoch})
         if state.step % t.checkpoint_every == 0 or state.step == total:
-            _report_checkpoint(engine, state, rank, logger, config["storage"])
+            _report_checkpoint(engine, state, rank, logger, config["storage"], step_seconds)
         _maybe_fault(config["fault"], state.step, rank)
     _finish(engine, config, config["zero_stage"], rank, logger)

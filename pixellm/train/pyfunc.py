@@ -16,7 +16,16 @@ from typing import Any
 
 __all__ = ["PixelLMPyfunc", "decode_image", "log_pyfunc_model"]
 
-_PIP = ("torch", "transformers", "peft", "safetensors", "pycocotools", "pillow", "pydantic", "pyyaml")
+_PIP = (
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "pycocotools",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+)
 
 
 def decode_image(b64: str) -> Any:
@@ -68,7 +77,9 @@ class PixelLMPyfunc(PythonModel):
 
         missing = {"image", "question"} - set(model_input.columns)
         if missing:
-            raise ValueError(f"input DataFrame lacks columns {sorted(missing)}; need image, question")
+            raise ValueError(
+                f"input DataFrame lacks columns {sorted(missing)}; need image, question"
+            )
         max_new = int((params or {}).get("max_new_tokens", 64))
         images = [decode_image(b) for b in model_input["image"]]
         preds = self.model.predict(images, [str(q) for q in model_input["question"]], max_new)

@@ -68,11 +68,18 @@ def test_every_format_converts_with_exact_row_counts(
     assert schema.remove_metadata().equals(SHARD_SCHEMA)
     tasks = Counter(r["task"] for r in _rows(shards_root / "refer_seg"))
     assert tasks["refseg"] > 0 and tasks["mrefseg"] > 0
-    group_sizes = {len(r["targets"]) for r in _rows(shards_root / "refer_seg") if r["task"] == "mrefseg"}
+    group_sizes = {
+        len(r["targets"]) for r in _rows(shards_root / "refer_seg") if r["task"] == "mrefseg"
+    }
     assert group_sizes <= {4, 5, 6} and 4 in group_sizes
     reason = _rows(shards_root / "reason_seg")
     assert any(r["ignore"] is not None for r in reason)
-    assert {r["split"] for r in _rows(shards_root / "muse")} == {"train", "val", "test_less", "test_many"}
+    assert {r["split"] for r in _rows(shards_root / "muse")} == {
+        "train",
+        "val",
+        "test_less",
+        "test_many",
+    }
 
 
 def test_rle_areas_equal_pycocotools_polygon_decoding(corpus_dir: Path, shards_root: Path) -> None:
@@ -119,9 +126,17 @@ def test_bad_muse_records_are_quarantined_and_named(tmp_path: Path) -> None:
     (img / "corrupt.png").write_bytes(b"\x89PNG not really")
     poly = [[2, 2, 10, 2, 10, 10, 2, 10]]
 
-    def rec(name: str, q: str = "Which shapes could roll?", seg: object = poly, text: str | None = None):
-        r = {"file_name": name, "height": 24, "width": 32, "ann_list": [], "questions": [q],
-             "answers": [[_ann(seg)]]}
+    def rec(
+        name: str, q: str = "Which shapes could roll?", seg: object = poly, text: str | None = None
+    ):
+        r = {
+            "file_name": name,
+            "height": 24,
+            "width": 32,
+            "ann_list": [],
+            "questions": [q],
+            "answers": [[_ann(seg)]],
+        }
         if text is not None:
             r["text_answers"] = [text]
         return r
@@ -163,7 +178,9 @@ class _Exploit:
         return (os.system, ("echo pwned > pwned.txt",))
 
 
-def test_refer_pickle_is_loaded_without_executing_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refer_pickle_is_loaded_without_executing_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "refs(unc).p"
     bad.write_bytes(pickle.dumps([{"ref_id": 1, "payload": _Exploit()}]))
@@ -180,11 +197,27 @@ def test_bad_llava_and_reasonseg_records(tmp_path: Path) -> None:
     img.mkdir()
     _png(img / "a.png")
     llava = [
-        {"id": "1", "image": "a.png", "conversations": [
-            {"from": "human", "value": "<image>\nHow many circles?"}, {"from": "gpt", "value": "Two."}]},
-        {"id": "2", "image": "a.png", "conversations": [
-            {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "Here [SEG]."}]},
-        {"id": "3", "image": "a.png", "conversations": [{"from": "gpt", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        {
+            "id": "1",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nHow many circles?"},
+                {"from": "gpt", "value": "Two."},
+            ],
+        },
+        {
+            "id": "2",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "Where?"},
+                {"from": "gpt", "value": "Here [SEG]."},
+            ],
+        },
+        {
+            "id": "3",
+            "image": "a.png",
+            "conversations": [{"from": "gpt", "value": "x"}, {"from": "gpt", "value": "y"}],
+        },
     ]
     (tmp_path / "llava").mkdir()
     (tmp_path / "llava/l.json").write_text(json.dumps(llava))
@@ -194,8 +227,14 @@ def test_bad_llava_and_reasonseg_records(tmp_path: Path) -> None:
     rs = tmp_path / "reasonseg" / "val"
     rs.mkdir(parents=True)
     shape = {"label": "target", "points": [[1, 1], [9, 1], [9, 9]]}
-    (rs / "a.json").write_text(json.dumps({"text": ["the red one"], "is_sentence": False, "shapes": [shape]}))
-    (rs / "b.json").write_text(json.dumps({"text": ["x"], "shapes": [{"label": "ignore", "points": [[1, 1], [2, 2], [1, 2]]}]}))
+    (rs / "a.json").write_text(
+        json.dumps({"text": ["the red one"], "is_sentence": False, "shapes": [shape]})
+    )
+    (rs / "b.json").write_text(
+        json.dumps(
+            {"text": ["x"], "shapes": [{"label": "ignore", "points": [[1, 1], [2, 2], [1, 2]]}]}
+        )
+    )
     _png(rs / "a.png")
     res = build_shards("reasonseg", tmp_path / "reasonseg", str(tmp_path / "o2"), engine="local")
     assert res.manifest["splits"]["val"]["rows"] == 1

@@ -14,7 +14,9 @@ from pixellm.data.corpus import generate_corpus
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
@@ -27,7 +29,10 @@ def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_layout_and_question_families(corpus_dir: Path) -> None:
-    muse = {s: json.loads((corpus_dir / f"muse/muse_{s}.json").read_text()) for s in ("train", "val", "test_less", "test_many")}
+    muse = {
+        s: json.loads((corpus_dir / f"muse/muse_{s}.json").read_text())
+        for s in ("train", "val", "test_less", "test_many")
+    }
     assert all(muse.values())
     for split, records in muse.items():
         for rec in records:
@@ -58,7 +63,9 @@ def test_polygons_decode_to_painted_pixels(corpus_dir: Path) -> None:
         im = images[ann["image_id"]]
         h, w = im["height"], im["width"]
         rle = mask_utils.frPyObjects(ann["segmentation"], h, w)
-        mask = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle).astype(bool)
+        mask = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle).astype(
+            bool
+        )
         assert mask.sum() == ann["area"]
         pixels = np.asarray(Image.open(corpus_dir / "images" / im["file_name"]).convert("RGB"))
         colours = {tuple(c) for c in pixels[mask].reshape(-1, 3)}
