@@ -35,7 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="platform/recipes/tiny.yaml")
     parser.add_argument("--set", nargs="*", default=[])
-    parser.add_argument("--batch", type=int, default=4, help="images (= questions) per predict call")
+    parser.add_argument(
+        "--batch", type=int, default=4, help="images (= questions) per predict call"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()

@@ -229,13 +229,17 @@ up_mlflow() {
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     >"$LOG_DIR/mlflow.log" 2>&1 </dev/null &
   echo $! >"$MLFLOW_PID_FILE"
-  wait_for 90 "MLflow /health" mlflow_healthy || { tail -n 30 "$LOG_DIR/mlflow.log" >&2; return 1; }
+}
+
+wait_mlflow() {
+  wait_for 120 "MLflow /health" mlflow_healthy || { tail -n 30 "$LOG_DIR/mlflow.log" >&2; return 1; }
 }
 
 cmd_up() {
   mkdir -p "$LOG_DIR"
+  up_mlflow # starts in the background while Ray comes up (each takes tens of seconds on 2 cores)
   up_ray
-  up_mlflow
+  wait_mlflow
   write_env
   log "up. Next: source $ENV_FILE"
   echo "$ENV_FILE"

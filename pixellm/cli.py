@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pixellm.model.commands",
     "pixellm.train.commands",
     "pixellm.serve.commands",
+    "pixellm.commands",
 )
 
 

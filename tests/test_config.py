@@ -35,7 +35,11 @@ def test_real_size_recipes_carry_the_paper_recipe():
 def test_deepspeed_json_has_no_hand_written_batch_sizes():
     for path in (ROOT / "platform" / "deepspeed").glob("*.json"):
         cfg = json.loads(path.read_text())
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        for key in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+        ):
             assert key not in cfg, f"{path.name}: {key} is derived from the recipe at launch"
         assert cfg["zero_optimization"]["stage"] in (2, 3)
 

@@ -65,7 +65,9 @@ def tiny_llava_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
     )
 
 
-def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+def build_llava(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
+) -> LlavaForConditionalGeneration:
     """Build (tiny) or load (local directory) the LLaVA and size its vocabulary to ``tokenizer``.
 
     Raises:

@@ -13,7 +13,9 @@ def _flops(args: argparse.Namespace) -> int:
     from pixellm.model.flops import FlopsAssumptions, count_flops, flops_json
 
     recipe = load_recipe(args.recipe, args.set)
-    architecture = args.architecture or ("llava-1.5-13b" if "13b" in recipe.name else "llava-1.5-7b")
+    architecture = args.architecture or (
+        "llava-1.5-13b" if "13b" in recipe.name else "llava-1.5-7b"
+    )
     assumptions = FlopsAssumptions(
         architecture=architecture,
         prompt_text_tokens=args.prompt_tokens,
@@ -25,7 +27,9 @@ def _flops(args: argparse.Namespace) -> int:
         print(flops_json(recipe.model, assumptions))
         return 0
     result = count_flops(recipe.model, assumptions)
-    print(f"PixelLM   {result['pixellm_tflops']:8.3f} TFLOPs  ({result['pixellm_tmacs']:.3f} TMACs)")
+    print(
+        f"PixelLM   {result['pixellm_tflops']:8.3f} TFLOPs  ({result['pixellm_tmacs']:.3f} TMACs)"
+    )
     print(f"LISA      {result['lisa_tflops']:8.3f} TFLOPs  ({result['lisa_tmacs']:.3f} TMACs)")
     print(f"ratio     {result['ratio']:8.3f}  (paper: 7.16 / 3.57 = 2.006 for 7B)")
     return 0
@@ -34,10 +38,16 @@ def _flops(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``flops``."""
     p = subparsers.add_parser("flops", help="per-sample FLOPs of PixelLM vs a LISA-shaped model")
-    p.add_argument("--recipe", required=True, help="recipe YAML, e.g. platform/recipes/pixellm-7b.yaml")
+    p.add_argument(
+        "--recipe", required=True, help="recipe YAML, e.g. platform/recipes/pixellm-7b.yaml"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--architecture", choices=["llava-1.5-7b", "llava-1.5-13b"], default=None,
-                   help="LLaVA shape when model.weights_path has no config.json (default: from the recipe name)")
+    p.add_argument(
+        "--architecture",
+        choices=["llava-1.5-7b", "llava-1.5-13b"],
+        default=None,
+        help="LLaVA shape when model.weights_path has no config.json (default: from the recipe name)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=64, help="system prompt + question tokens")
     p.add_argument("--answer-tokens-per-target", type=int, default=12)
     p.add_argument("--targets", type=int, default=3)

@@ -37,8 +37,12 @@ __all__ = ["FlopsAssumptions", "count_flops", "llava_shape_config"]
 
 # Architecture hyper-parameters (not weights) of the public LLaVA-1.5 checkpoints.
 _LLAMA_SHAPES = {
-    "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "llava-1.5-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+    ),
+    "llava-1.5-13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+    ),
 }
 _CLIP_L_336 = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -68,8 +72,12 @@ def llava_shape_config(cfg: ModelConfig, architecture: str) -> LlavaConfig:
     if cfg.weights_path and (Path(cfg.weights_path) / "config.json").is_file():
         return LlavaConfig.from_pretrained(cfg.weights_path, local_files_only=True)
     if architecture not in _LLAMA_SHAPES:
-        raise ValueError(f"unknown architecture {architecture!r}; choose from {sorted(_LLAMA_SHAPES)}")
-    text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **_LLAMA_SHAPES[architecture])
+        raise ValueError(
+            f"unknown architecture {architecture!r}; choose from {sorted(_LLAMA_SHAPES)}"
+        )
+    text = LlamaConfig(
+        vocab_size=32064, max_position_embeddings=4096, **_LLAMA_SHAPES[architecture]
+    )
     return LlavaConfig(vision_config=CLIPVisionConfig(**_CLIP_L_336), text_config=text)
 
 
@@ -79,7 +87,9 @@ def _count(fn) -> int:
     return counter.get_total_flops()
 
 
-def _llava_flops(llava, image_px: int, image_tokens: int, grid: int | None, text_tokens: int) -> int:
+def _llava_flops(
+    llava, image_px: int, image_tokens: int, grid: int | None, text_tokens: int
+) -> int:
     vision = llava.model.vision_tower
     h = llava.config.text_config.hidden_size
 
@@ -122,7 +132,9 @@ def count_flops(cfg: ModelConfig, assumptions: FlopsAssumptions) -> dict:
         sam = SamModel(SamConfig(vision_config=SamVisionConfig(**_SAM_VIT_H)))
     answer = k * (a.answer_text_tokens_per_target + codebook)
     grid = cfg.llm_image_grid
-    pixellm_llava = _llava_flops(llava, a.pixellm_image_px, grid * grid, grid, a.prompt_text_tokens + answer)
+    pixellm_llava = _llava_flops(
+        llava, a.pixellm_image_px, grid * grid, grid, a.prompt_text_tokens + answer
+    )
     g = a.pixellm_image_px // shape.vision_config.patch_size
     cv, h = shape.vision_config.hidden_size, shape.text_config.hidden_size
 
@@ -134,7 +146,11 @@ def count_flops(cfg: ModelConfig, assumptions: FlopsAssumptions) -> dict:
     pixellm_decoder = _count(run_decoder)
     lisa_tokens = (a.lisa_clip_image_px // shape.vision_config.patch_size) ** 2
     lisa_llava = _llava_flops(
-        llava, a.lisa_clip_image_px, lisa_tokens, None, a.prompt_text_tokens + k * (a.answer_text_tokens_per_target + 1)
+        llava,
+        a.lisa_clip_image_px,
+        lisa_tokens,
+        None,
+        a.prompt_text_tokens + k * (a.answer_text_tokens_per_target + 1),
     )
 
     def run_sam() -> None:

@@ -29,7 +29,12 @@ from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
 from pixellm.model.losses import mask_losses
 from pixellm.model.pixel_decoder import PixelLMPixelDecoder, build_pixel_decoder, mask_scores
-from pixellm.model.processing import IGNORE_INDEX, PixelLMProcessor, build_processor, logits_to_image_size
+from pixellm.model.processing import (
+    IGNORE_INDEX,
+    PixelLMProcessor,
+    build_processor,
+    logits_to_image_size,
+)
 
 __all__ = ["PixelLM", "PixelLMOutput", "Prediction", "build_pixellm"]
 
@@ -195,7 +200,9 @@ class PixelLM(nn.Module):
                     )
         image_embeds, features = self.encode_images(pixel_values)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        lm_out = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        lm_out = self.llava.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask
+        )
         hidden = lm_out.last_hidden_state  # (B, T, H), post final norm
         logits = self.llava.lm_head(hidden)  # (B, T, V)
 
@@ -214,11 +221,15 @@ class PixelLM(nn.Module):
             return PixelLMOutput(None, None, None, None, logits, per_question)
         side = self.config.image_size
         resized = [
-            logits_to_image_size(m, tuple(valid_hw[b].tolist()), side, tuple(gt_masks[b].shape[-2:]))
+            logits_to_image_size(
+                m, tuple(valid_hw[b].tolist()), side, tuple(gt_masks[b].shape[-2:])
+            )
             for b, m in enumerate(per_question)
         ]
         loss_cfg = self.config.loss
-        losses = mask_losses(resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha)
+        losses = mask_losses(
+            resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha
+        )
         loss_txt = torch.zeros((), device=hidden.device)
         if labels is not None:
             shift_logits = logits[:, :-1].float()
@@ -260,19 +271,25 @@ class PixelLM(nn.Module):
     ) -> list[Prediction]:
         counts = [s.shape[0] for s in states]
         image_index = torch.tensor(
-            [b for b, c in enumerate(counts) for _ in range(c)], dtype=torch.long, device=self.device
+            [b for b, c in enumerate(counts) for _ in range(c)],
+            dtype=torch.long,
+            device=self.device,
         )
         h = self.llava.config.text_config.hidden_size
         all_states = torch.cat(states) if states else torch.zeros(0, self.codebook.group_size, h)
         square = self._decode(features, image_index, all_states.to(self.device))
         preds = []
         for b, logits in enumerate(torch.split(square, counts)):
-            full = logits_to_image_size(logits.float(), valid_hw[b], self.config.image_size, sizes[b])
+            full = logits_to_image_size(
+                logits.float(), valid_hw[b], self.config.image_size, sizes[b]
+            )
             binary = (full > 0).cpu().numpy().astype(np.uint8)
             rles = []
             for m in binary:
                 rle = mask_utils.encode(np.asfortranarray(m))
-                rles.append({"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode()})
+                rles.append(
+                    {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode()}
+                )
             preds.append(
                 Prediction(
                     text=self._answer_text(answers[b]),
@@ -313,7 +330,9 @@ class PixelLM(nn.Module):
         prompts = [self.processor.prompt_ids(q) for q in questions]
         pad_id = self.tokenizer.pad_token_id
         input_ids = self.processor.pad(prompts, pad_id, left=True).to(device)
-        attention_mask = self.processor.pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+        attention_mask = self.processor.pad([[1] * len(p) for p in prompts], 0, left=True).to(
+            device
+        )
         image_embeds, features = self.encode_images(pixel_values)
         embeds = self.embed_inputs(input_ids, image_embeds)
         out = self.llava.generate(

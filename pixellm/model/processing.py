@@ -68,7 +68,9 @@ def logits_to_image_size(
     if k == 0:
         return logits.new_zeros((0, *out_hw))
     # (K, s, s) -> (K, S, S) -> crop valid -> (K, h, w)
-    x = F.interpolate(logits[:, None], size=(image_side, image_side), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        logits[:, None], size=(image_side, image_side), mode="bilinear", align_corners=False
+    )
     x = x[:, :, : valid_hw[0], : valid_hw[1]]
     x = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
     return x[:, 0]
@@ -114,7 +116,9 @@ class PixelLMProcessor:
         self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
 
     # ---------------------------------------------------------------- images
-    def transform_image(self, image: Image.Image | np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    def transform_image(
+        self, image: Image.Image | np.ndarray
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """RGB image → ``((3, S, S) float tensor, valid (h', w'))``."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
@@ -148,31 +152,44 @@ class PixelLMProcessor:
             ValueError: roles do not alternate user/assistant, or the sequence is too long.
         """
         if not conversation or len(conversation) % 2:
-            raise ValueError(f"conversation must be user/assistant pairs, got {len(conversation)} turns")
+            raise ValueError(
+                f"conversation must be user/assistant pairs, got {len(conversation)} turns"
+            )
         ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         labels = [IGNORE_INDEX] * len(ids)
         num_targets = 0
         eos = self.tokenizer.eos_token_id
-        for turn, (user, assistant) in enumerate(zip(conversation[::2], conversation[1::2])):
+        for turn, (user, assistant) in enumerate(
+            zip(conversation[::2], conversation[1::2], strict=True)
+        ):
             if user.get("role") != "user" or assistant.get("role") != "assistant":
-                raise ValueError(f"turn {turn}: expected roles user, assistant; got {user.get('role')}, {assistant.get('role')}")
+                raise ValueError(
+                    f"turn {turn}: expected roles user, assistant; got {user.get('role')}, {assistant.get('role')}"
+                )
             prompt = self._ids(self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:")
             num_targets += self.codebook.count_placeholders(assistant["text"])
             answer = self._ids(" " + self.codebook.expand(assistant["text"].strip())) + [eos]
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:
-            raise ValueError(f"conversation is {len(ids)} tokens, over model.max_length={self.max_length}")
+            raise ValueError(
+                f"conversation is {len(ids)} tokens, over model.max_length={self.max_length}"
+            )
         return EncodedConversation(ids, labels, num_targets)
 
     def pad(self, sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
         """Pad id lists to ``(B, T_max)``."""
         t = max(len(s) for s in sequences)
-        rows = [([value] * (t - len(s)) + s) if left else (s + [value] * (t - len(s))) for s in sequences]
+        rows = [
+            ([value] * (t - len(s)) + s) if left else (s + [value] * (t - len(s)))
+            for s in sequences
+        ]
         return torch.tensor(rows, dtype=torch.long)
 
 
-def build_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PixelLMProcessor:
+def build_processor(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PixelLMProcessor:
     """The processor of a recipe's model (builds the tokenizer unless one is given)."""
     from pixellm.model.tokenizer import build_tokenizer
 

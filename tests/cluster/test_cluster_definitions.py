@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -98,9 +97,13 @@ def test_launcher_file_mounts_and_env_variables_exist(path):
         if source.startswith("~"):
             continue  # the user's own Ray auth token (`ray get-auth-token --generate`)
         assert (ROOT / source).exists(), f"{path.name}: file_mounts[{target}] -> missing {source}"
-    documented = set(re.findall(r"^(PIXELLM_\w+)=", (ROOT / "cluster" / "cluster.env.example").read_text(), re.M))
+    documented = set(
+        re.findall(r"^(PIXELLM_\w+)=", (ROOT / "cluster" / "cluster.env.example").read_text(), re.M)
+    )
     used = set(re.findall(r"\$\{?(PIXELLM_\w+)", path.read_text()))
-    assert used <= documented, f"{path.name}: {sorted(used - documented)} not in cluster/cluster.env.example"
+    assert used <= documented, (
+        f"{path.name}: {sorted(used - documented)} not in cluster/cluster.env.example"
+    )
 
 
 # --------------------------------------------------------------------------- KubeRay
@@ -139,7 +142,11 @@ def _spec_requirements(kind: str, spec: dict) -> list[str]:
 
 def _ray_cluster_spec(doc: dict) -> dict:
     spec = doc["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
+    return {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }[doc["kind"]]
 
 
 def _containers(cluster_spec: dict) -> list[dict]:
@@ -170,7 +177,9 @@ def test_kuberay_manifest_has_the_fields_its_kind_requires(path):
         for group in spec["workerGroupSpecs"]:
             assert 0 <= group["minReplicas"] <= group["maxReplicas"], group["groupName"]
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-            assert int(limits["nvidia.com/gpu"]) == 8, f"{path.name}: {group['groupName']} GPU limit"
+            assert int(limits["nvidia.com/gpu"]) == 8, (
+                f"{path.name}: {group['groupName']} GPU limit"
+            )
         assert spec["enableInTreeAutoscaling"] is True, path.name
         for container in _containers(spec):
             assert container["image"] == IMAGE, f"{path.name}: {container['name']} image"
@@ -187,7 +196,9 @@ def test_raycluster_autoscales_a_gpu_group_from_zero():
 def test_rayjob_trains_the_7b_recipe_and_cleans_up():
     (doc,) = _yaml_docs(KUBERAY_DIR / "rayjob-train-7b.yaml")
     spec = doc["spec"]
-    assert spec["entrypoint"].startswith("python jobs/train.py --recipe platform/recipes/pixellm-7b.yaml")
+    assert spec["entrypoint"].startswith(
+        "python jobs/train.py --recipe platform/recipes/pixellm-7b.yaml"
+    )
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://pixellm-mlflow:5000"
@@ -202,19 +213,28 @@ def test_rayservice_serves_the_registered_model_through_build_app():
     module, attr = app["import_path"].split(":")
     source = ROOT / (module.replace(".", "/") + ".py")
     assert source.is_file(), f"import_path {app['import_path']}: missing {source.relative_to(ROOT)}"
-    assert re.search(rf"^def {attr}\(", source.read_text(), re.M), f"{source.name} defines no {attr}()"
+    assert re.search(rf"^def {attr}\(", source.read_text(), re.M), (
+        f"{source.name} defines no {attr}()"
+    )
 
 
 def test_kuberay_volumes_and_services_resolve():
     docs = _kuberay_docs()
     claims = {d["metadata"]["name"] for _, d in docs if d["kind"] == "PersistentVolumeClaim"}
     services = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Service"}
-    assert "pixellm-mlflow" in services and services["pixellm-mlflow"]["spec"]["ports"][0]["port"] == 5000
+    assert (
+        "pixellm-mlflow" in services
+        and services["pixellm-mlflow"]["spec"]["ports"][0]["port"] == 5000
+    )
     for path, doc in docs:
         text = yaml.safe_dump(doc)
         for claim in re.findall(r"claimName: ([\w-]+)", text):
             assert claim in claims, f"{path.name}: claim {claim} is not defined in cluster/kuberay"
-    (mlflow,) = [d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "pixellm-mlflow"]
+    (mlflow,) = [
+        d
+        for _, d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "pixellm-mlflow"
+    ]
     args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "postgresql://" in args and "/mnt/shared/mlflow-artifacts" in args
 
@@ -222,8 +242,14 @@ def test_kuberay_volumes_and_services_resolve():
 # --------------------------------------------------------------------------- referenced files
 
 REFERENCING_FILES = sorted(
-    [*LAUNCHER_YAMLS, *KUBERAY_DIR.glob("*.yaml"), *(ROOT / "platform" / "runtime").glob("*.yaml"),
-     ROOT / "platform" / "image" / "Dockerfile", ROOT / "docs" / "cluster.md", ROOT / "cluster" / "local.sh"]
+    [
+        *LAUNCHER_YAMLS,
+        *KUBERAY_DIR.glob("*.yaml"),
+        *(ROOT / "platform" / "runtime").glob("*.yaml"),
+        ROOT / "platform" / "image" / "Dockerfile",
+        ROOT / "docs" / "cluster.md",
+        ROOT / "cluster" / "local.sh",
+    ]
 )
 
 
@@ -256,7 +282,8 @@ def test_no_top_level_entry_shadows_a_stdlib_module():
     ignored = {".venv", ".git", "runs"}
     names = {p.name.split(".")[0] for p in ROOT.iterdir() if p.name not in ignored}
     package_like = {
-        p.name.split(".")[0] for p in ROOT.iterdir()
+        p.name.split(".")[0]
+        for p in ROOT.iterdir()
         if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"
     }
     assert package_like & set(sys.stdlib_module_names) == set()
@@ -268,6 +295,7 @@ def test_no_top_level_entry_shadows_a_stdlib_module():
 
 
 def _pyproject_requirements() -> dict[str, Requirement]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     return {Requirement(d).name.lower(): Requirement(d) for d in deps}
 
@@ -297,15 +325,23 @@ def test_gpu_pip_pins_cover_pyproject_and_sit_in_its_ranges():
     required = _pyproject_requirements()
     assert set(required) - {"ray"} == set(pins), "gpu-pip.yaml must pin every dependency but ray"
     for name, version in pins.items():
-        assert required[name].specifier.contains(version), f"{name}=={version} outside {required[name]}"
+        assert required[name].specifier.contains(version), (
+            f"{name}=={version} outside {required[name]}"
+        )
     assert "DS_ACCELERATOR" not in env["env_vars"], "GPU jobs let DeepSpeed detect CUDA"
 
 
 def test_dockerfile_builds_from_ray_with_the_same_pins():
     text = (ROOT / "platform" / "image" / "Dockerfile").read_text()
-    instructions = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    instructions = [
+        ln.strip()
+        for ln in text.replace("\\\n", " ").splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     assert instructions[0].startswith("FROM ")
-    ray_version = re.match(r"FROM rayproject/ray:(\d+\.\d+\.\d+)-py\d+-(gpu|cu\d+)", instructions[0])
+    ray_version = re.match(
+        r"FROM rayproject/ray:(\d+\.\d+\.\d+)-py\d+-(gpu|cu\d+)", instructions[0]
+    )
     assert ray_version, instructions[0]
     assert _pyproject_requirements()["ray"].specifier.contains(ray_version.group(1))
     docker_pins = _pins(re.findall(r"\b([A-Za-z][\w.-]*==[\w.]+)", text))
@@ -313,7 +349,9 @@ def test_dockerfile_builds_from_ray_with_the_same_pins():
     pip_pins = _pins(env["pip"]["packages"])
     assert {k: v for k, v in docker_pins.items() if k in pip_pins} == pip_pins
     assert "psycopg2-binary" in docker_pins  # MLflow's PostgreSQL backend store
-    assert "DS_ACCELERATOR" not in text.split("#")[0] and not re.search(r"^ENV .*DS_ACCELERATOR", text, re.M)
+    assert "DS_ACCELERATOR" not in text.split("#")[0] and not re.search(
+        r"^ENV .*DS_ACCELERATOR", text, re.M
+    )
     assert "pip install --no-deps ." in text
     for line in instructions:
         if line.startswith("COPY"):
@@ -337,5 +375,7 @@ def test_local_sh_is_executable_bash_with_a_usage_line():
     result = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: cluster/local.sh up|down|status" in result.stderr
     text = script.read_text()
-    assert re.search(r"^\s*ray stop\b", text, re.M) is None, "a bare `ray stop` kills every Ray on the machine"
+    assert re.search(r"^\s*ray stop\b", text, re.M) is None, (
+        "a bare `ray stop` kills every Ray on the machine"
+    )
     assert "--node-ip-address 127.0.0.1" in text and "--host 127.0.0.1" in text

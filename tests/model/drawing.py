@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (30, 60, 220),
+    "green": (30, 180, 60),
+    "yellow": (230, 210, 40),
+}
 
 
 def draw_example(seed: int, size: int = 64) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
@@ -21,8 +25,10 @@ def draw_example(seed: int, size: int = 64) -> tuple[np.ndarray, list[np.ndarray
         for _ in range(50):
             r = int(rng.integers(8, 13))
             cy, cx = (int(v) for v in rng.integers(r, size - r, 2))
-            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if rng.random() < 0.5 else (
-                (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+            m = (
+                (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                if rng.random() < 0.5
+                else ((abs(yy - cy) <= r) & (abs(xx - cx) <= r))
             )
             if not (m & occupied).any():
                 break
@@ -57,5 +63,3 @@ def make_batch(model, examples) -> dict:
         "labels": proc.pad(labels, -100),
         "gt_masks": gts,
     }
-
-

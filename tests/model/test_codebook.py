@@ -14,7 +14,7 @@ def test_codebook_tokens_are_distinct_single_ids(tokenizer):
     cb = SegCodebook(tokenizer, num_scales=2, tokens_per_group=3)
     assert cb.tokens == codebook_tokens(2, 3)
     assert len(set(cb.ids)) == 6
-    for tok, i in zip(cb.tokens, cb.ids):
+    for tok, i in zip(cb.tokens, cb.ids, strict=False):
         assert tokenizer(tok, add_special_tokens=False).input_ids == [i]
 
 

@@ -108,7 +108,7 @@ def test_kv_cache_generation_matches_teacher_forced_masks(tiny_model):
     assert tf.shape[0] == pred.shape[0]
     agree = (tf.numpy() == pred).mean()
     assert agree > 0.999, f"KV-cache and teacher-forced masks differ on {1 - agree:.4%} of pixels"
-    for r, m in zip(cached.masks, uncached.masks):
+    for r, m in zip(cached.masks, uncached.masks, strict=False):
         assert r == m
 
 
@@ -121,11 +121,14 @@ def test_save_load_round_trip_is_bit_identical(tiny_model, tmp_path):
     with torch.no_grad():
         a, b = tiny_model.eval()(**batch), reloaded(**batch)
     assert torch.equal(a.logits, b.logits)
-    for x, y in zip(a.mask_logits, b.mask_logits):
+    for x, y in zip(a.mask_logits, b.mask_logits, strict=False):
         assert torch.equal(x, y)
     imgs = [e[0] for e in examples]
     qs = ["Please segment the shapes."] * 2
-    pa, pb = tiny_model.predict(imgs, qs, max_new_tokens=24), reloaded.predict(imgs, qs, max_new_tokens=24)
+    pa, pb = (
+        tiny_model.predict(imgs, qs, max_new_tokens=24),
+        reloaded.predict(imgs, qs, max_new_tokens=24),
+    )
     assert [p.text for p in pa] == [p.text for p in pb]
     assert [p.masks for p in pa] == [p.masks for p in pb]
 
@@ -144,7 +147,7 @@ def test_tiny_model_overfits_multi_target_examples(tiny_model):
     with torch.no_grad():
         out = tiny_model(**batch)
     ious = []
-    for logits, gt in zip(out.mask_logits, batch["gt_masks"]):
+    for logits, gt in zip(out.mask_logits, batch["gt_masks"], strict=False):
         pred = logits > 0
         inter = (pred & (gt > 0)).sum(dim=(1, 2)).float()
         union = (pred | (gt > 0)).sum(dim=(1, 2)).float()

@@ -51,7 +51,7 @@ def test_labels_only_on_assistant_tokens(processor):
     ]
     enc = processor.encode_conversation(conv)
     assert enc.num_targets == 1
-    labelled = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    labelled = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab != IGNORE_INDEX]
     answer = processor.tokenizer.decode(labelled, skip_special_tokens=False)
     assert answer.strip().startswith("Sure,") and answer.endswith("</s>")
     assert enc.input_ids.count(processor.image_token_id) == processor.num_image_tokens
@@ -66,4 +66,6 @@ def test_too_long_is_rejected_not_truncated(processor):
 
 def test_bad_roles_raise(processor):
     with pytest.raises(ValueError, match="expected roles user, assistant"):
-        processor.encode_conversation([{"role": "assistant", "text": "a"}, {"role": "user", "text": "b"}])
+        processor.encode_conversation(
+            [{"role": "assistant", "text": "a"}, {"role": "user", "text": "b"}]
+        )
