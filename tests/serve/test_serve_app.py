@@ -1,8 +1,8 @@
 """The Serve application over real HTTP on loopback: good and bad requests, auth, load shedding.
 
 One Ray + Serve per module with two applications:
-- ``main`` at ``/``: loaded from an MLflow ``models:/`` URI (SQLite registry), small limits so that
-  the limit checks are cheap to hit.
+- ``main`` at ``/``: small limits so that the limit checks are cheap to hit (loading from a
+  ``models:/`` URI is covered in test_serve_units.py).
 - ``tight`` at ``/tight``: bearer token, ``max_ongoing_requests=1``, ``max_queued_requests=1`` and a
   3 s batch wait, so one request deterministically holds the only slot for >= 3 s.
 """
@@ -43,43 +43,18 @@ TIGHT_SET = [
 ]
 
 
-def _register(model_dir, root) -> tuple[str, str]:
-    """Log the exported directory as a pyfunc model (as the training export does) and register it."""
-    import mlflow
-
-    class _Wrapper(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):  # the pyfunc is only a carrier of the directory
-            return model_input
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("serve-test", artifact_location=str(root / "artifacts"))
-    with mlflow.start_run(experiment_id=exp):
-        mlflow.pyfunc.log_model(
-            name="pixellm",
-            python_model=_Wrapper(),
-            artifacts={"model_dir": str(model_dir)},
-            registered_model_name="pixellm-serve-test",
-        )
-    return uri, "models:/pixellm-serve-test/latest"
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     from ray import serve
 
     from pixellm.serve.app import build_app
 
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = export_tiny_model(root / "model")
-    tracking_uri, models_uri = _register(model_dir, root)
+    model_dir = export_tiny_model(tmp_path_factory.mktemp("serve") / "model")
     port = start_ray_and_serve()
     try:
         common = {"recipe": "platform/recipes/tiny.yaml", "num_cpus": 0.5}
         serve.run(
-            build_app(
-                {**common, "model": models_uri, "tracking_uri": tracking_uri, "set": MAIN_SET}
-            ),
+            build_app({**common, "model": str(model_dir), "set": MAIN_SET}),
             name="main",
             route_prefix="/",
         )
@@ -135,9 +110,9 @@ def test_concurrent_requests_are_batched_and_equal_to_single(url):
     assert all(len(o.json()["targets"]) == len(alone["targets"]) for o in outs)
 
 
-def test_model_info_reports_registry_source_and_codebook(url):
+def test_model_info_reports_source_and_codebook(url):
     info = requests.get(f"{url}/v1/model", timeout=10).json()
-    assert info["model"] == "models:/pixellm-serve-test/latest" and info["source"] == "mlflow"
+    assert info["source"] == "directory" and info["model_dir"].endswith("model")
     assert info["codebook"] == {"scales": 2, "tokens_per_group": 3, "shape": "2x3"}
     assert info["batch"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
     assert info["limits"]["max_image_pixels"] == 20000 and info["limits"]["auth"] is False
