@@ -106,6 +106,10 @@ class ModelConfig(_Strict):
     llm_image_grid: int = Field(7, gt=0)  # deepest layer pooled to grid x grid image tokens
     tokens_per_group: int = Field(3, gt=0)  # N
     max_length: int = Field(256, ge=32)  # text tokens; a sample that does not fit is rejected
+    system_prompt: str = (  # LLaVA v1 system prompt; the tiny recipe drops it (pure overhead there)
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
     gradient_checkpointing: bool = False
     tiny: TinyBackboneConfig = TinyBackboneConfig()
     decoder: DecoderConfig = DecoderConfig(dim=64, depth=2, heads=4, mlp_dim=256)

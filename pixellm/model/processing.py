@@ -38,10 +38,6 @@ __all__ = [
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SYSTEM_PROMPT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 
 
 def resize_longest_side(h: int, w: int, side: int) -> tuple[int, int]:
@@ -95,6 +91,7 @@ class PixelLMProcessor:
         num_image_tokens: LLM image tokens per image (``llm_image_grid ** 2``).
         max_length: longest allowed token sequence; longer samples are rejected, never truncated
             (truncation cut target runs in the authors' code and broke the mask count).
+        system_prompt: text before the first ``USER:`` (LLaVA v1's by default; may be empty).
     """
 
     def __init__(
@@ -104,6 +101,7 @@ class PixelLMProcessor:
         image_size: int,
         num_image_tokens: int,
         max_length: int,
+        system_prompt: str = "",
         image_token: str = "<image>",
     ):
         self.tokenizer = tokenizer
@@ -111,6 +109,7 @@ class PixelLMProcessor:
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
+        self.system_prompt = system_prompt.strip()
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -138,7 +137,8 @@ class PixelLMProcessor:
 
     def _user_prefix(self, first: bool) -> str:
         image = self.tokenizer.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens
-        return f"{SYSTEM_PROMPT} USER: {image}\n" if first else " USER: "
+        system = f"{self.system_prompt} " if self.system_prompt else ""
+        return f"{system}USER: {image}\n" if first else " USER: "
 
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of a one-turn prompt ending in ``ASSISTANT:`` (for generation)."""
@@ -195,4 +195,6 @@ def build_processor(
 
     tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     codebook = SegCodebook(tok, cfg.num_scales, cfg.tokens_per_group)
-    return PixelLMProcessor(tok, codebook, cfg.image_size, cfg.llm_image_grid**2, cfg.max_length)
+    return PixelLMProcessor(
+        tok, codebook, cfg.image_size, cfg.llm_image_grid**2, cfg.max_length, cfg.system_prompt
+    )
