@@ -54,6 +54,10 @@ def tiny_llava_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # A random LLM's base weights (lm_head, final norm) stay frozen: with Llama's default
+        # std 0.02 every logit is ~0.02·sqrt(d) and no answer token can ever be confident, so the
+        # tiny LLM is initialised at the standard 1/sqrt(d) scale instead.
+        initializer_range=t.text_hidden_size**-0.5,
     )
     return LlavaConfig(
         vision_config=vision,

@@ -185,9 +185,14 @@ def _stream(opts: ScoreOptions, done: set[str], max_new_tokens: int, batch_size:
         str(Path(opts.benchmark) / opts.split),
         columns=["sample_id", "image", "conversation"],
         file_extensions=["parquet"],
+        # Reading is light; a whole CPU per read task can starve the caller actor of the CPUs the
+        # replicas leave (Ray Data does not count Serve's reservations).
+        num_cpus=0.1,
     )
     if done:
-        ds = ds.map_batches(_drop_done, fn_kwargs={"done": sorted(done)}, batch_format="pyarrow")
+        ds = ds.map_batches(
+            _drop_done, fn_kwargs={"done": sorted(done)}, batch_format="pyarrow", num_cpus=0.1
+        )
     ds = ds.map_batches(
         ServeScorer,
         fn_constructor_kwargs={

@@ -7,6 +7,9 @@ directory and an optional fault-drill spec. Nothing is read from driver globals.
 Step accounting: ``step`` counts optimizer steps (1-based once done); one step = ``grad_accum``
 micro-batches on every rank, and every rank runs exactly ``train.total_steps`` steps, so DeepSpeed's
 collectives always line up.
+
+Throughput metrics (``samples_per_s``, ``tokens_per_s``) are rank 0's step figures times the world
+size (ranks run in lock-step, so this is the global rate without an extra collective per step).
 """
 
 from __future__ import annotations

@@ -83,9 +83,10 @@ def test_missing_json_warmup_and_bf16_on_cpu_are_config_errors() -> None:
 
 def test_recipe_diff_names_the_key() -> None:
     tiny = REPO / "platform/recipes/tiny.yaml"
-    a = flatten_recipe(load_recipe(tiny))
-    b = flatten_recipe(load_recipe(tiny, overrides=["train.lr=0.001"]))
-    assert diff_recipes(a, b) == {"train.lr": (0.0003, 0.001)}
+    base = load_recipe(tiny)
+    a = flatten_recipe(base)
+    b = flatten_recipe(load_recipe(tiny, overrides=[f"train.lr={base.train.lr * 2}"]))
+    assert diff_recipes(a, b) == {"train.lr": (base.train.lr, base.train.lr * 2)}
 
 
 def test_bad_recipe_fails_before_ray(tmp_path: Path) -> None:
