@@ -145,8 +145,10 @@ def start_mlflow_server(
         str(workers),
     ]
     log = (root / "server.log").open("ab")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    env.pop("MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # MLflow 3 starts a pool of background job workers (huey) by default: a dozen Python processes
+    # this platform never uses. They cost seconds of start-up and hundreds of MB on a laptop.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     process = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -14,8 +15,12 @@ __all__ = ["add_score_arguments", "add_serve_arguments", "register", "run_score"
 APP_NAME = "pixellm"
 
 
-def _init_ray(address: str | None) -> bool:
-    """Connect to ``address`` or start a loopback-only local Ray; True when this call started it."""
+def _init_ray(address: str | None, extra_cpus: float = 0.0) -> bool:
+    """Connect to ``address`` or start a loopback-only local Ray; True when this call started it.
+
+    A local Ray gets ``extra_cpus`` logical CPUs on top of the machine's: Ray Data's file-listing
+    task needs a whole CPU, which a replica holding one of two cores would otherwise never leave.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -24,7 +29,7 @@ def _init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address)
         return False
-    ray.init(include_dashboard=False)
+    ray.init(include_dashboard=False, num_cpus=(os.cpu_count() or 1) + math.ceil(extra_cpus))
     return True
 
 
@@ -87,7 +92,7 @@ def run_score(args: argparse.Namespace) -> int:
         n_overlays=args.overlays,
         replica_cpus=args.num_cpus,
     )
-    started = _init_ray(args.address)
+    started = _init_ray(args.address, extra_cpus=args.num_cpus)
     try:
         result = score_benchmark(opts)
     finally:
