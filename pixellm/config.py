@@ -227,6 +227,16 @@ class ServeConfig(_Strict):
     max_new_tokens: int = Field(64, gt=0)
     bearer_token: str | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.max_queued_requests == 0:
+            raise ValueError("serve.max_queued_requests must be -1 (unbounded) or >= 1 (Ray Serve)")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.min_replicas={self.min_replicas} > serve.max_replicas={self.max_replicas}"
+            )
+        return self
+
 
 class Recipe(_Strict):
     """One training/evaluation recipe: everything a run needs."""
