@@ -142,7 +142,7 @@ def test_tiny_model_overfits_multi_target_examples(tiny_model):
     """Proof that gradients reach the decoder through the codebook states: IoU > 0.9."""
     examples = [draw_example(s) for s in range(10, 14)]
     start = time.monotonic()
-    losses = _train(tiny_model, examples, steps=300, lr=3e-3)
+    losses = _train(tiny_model, examples, steps=300, lr=1e-3)
     batch = make_batch(tiny_model, examples)
     with torch.no_grad():
         out = tiny_model(**batch)
