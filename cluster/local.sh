@@ -223,7 +223,8 @@ up_mlflow() {
   mkdir -p "$CLUSTER_DIR/mlflow-artifacts"
   log "starting MLflow on 127.0.0.1:$MLFLOW_PORT (store $CLUSTER_DIR/mlflow.db)"
   # setsid: MLflow gets its own process group, so `down` stops the server and its workers together.
-  env "$MARKER" setsid mlflow server \
+  # No MLflow background job workers (huey): the platform never uses them.
+  env "$MARKER" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server \
     --backend-store-uri "sqlite:///$CLUSTER_DIR/mlflow.db" \
     --artifacts-destination "$CLUSTER_DIR/mlflow-artifacts" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \

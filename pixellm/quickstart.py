@@ -52,7 +52,7 @@ class QuickstartOptions:
     images: int = 240
     image_size: int = 128
     seed: int = 0
-    steps: int = 800
+    steps: int = 1400
     micro_batch_size: int = 4
     workers: int = 1
     max_new_tokens: int = 48
@@ -90,10 +90,10 @@ def _build_all_shards(corpus: Path, shards: Path) -> dict[str, Any]:
     rows = {}
     for fmt, name in FORMATS.items():
         result = build_shards(fmt, corpus / fmt, str(shards / name), engine="ray")
-        rows[name] = {split: info for split, info in result.manifest.get("rows", {}).items()}
-        print(
-            f"    {fmt:9s} → {name:10s} rows {rows[name]}  rejected {result.manifest.get('rejected_total', 0)}"
-        )
+        manifest = result.manifest
+        rows[name] = {split: info["rows"] for split, info in manifest["splits"].items()}
+        rejected = manifest["rejected"]["count"]
+        print(f"    {fmt:9s} → {name:10s} rows {rows[name]}  rejected {rejected}", flush=True)
     return rows
 
 
@@ -174,7 +174,9 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
     return cmds
 
 
-def _deploy(model_uri: str, recipe: str, overrides: list[str], app_name: str) -> str:
+def _deploy(
+    model_uri: str, recipe: str, overrides: list[str], app_name: str, tracking_uri: str
+) -> str:
     """Start Serve on a free loopback port and deploy the model; returns the endpoint URL."""
     from ray import serve
 
@@ -183,13 +185,19 @@ def _deploy(model_uri: str, recipe: str, overrides: list[str], app_name: str) ->
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": model_uri, "recipe": recipe, "set": overrides, "num_cpus": 1.0})
+    args = {"model": model_uri, "recipe": recipe, "set": overrides, "num_cpus": 1.0}
+    app = build_app({**args, "tracking_uri": tracking_uri})
     serve.run(app, name=app_name, route_prefix=f"/{app_name}")
     return f"http://127.0.0.1:{port}/{app_name}"
 
 
 def _score_splits(
-    opts: QuickstartOptions, out: Path, model_uri: str, overrides: list[str], app_name: str
+    opts: QuickstartOptions,
+    out: Path,
+    model_uri: str,
+    overrides: list[str],
+    app_name: str,
+    tracking_uri: str,
 ) -> dict[str, Any]:
     from pixellm.serve.score import ScoreOptions, score_benchmark
 
@@ -209,6 +217,7 @@ def _score_splits(
                 max_new_tokens=opts.max_new_tokens,
                 app_name=app_name,
                 use_running=True,
+                tracking_uri=tracking_uri,
                 n_overlays=2,
             )
         )
@@ -285,9 +294,9 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
         with progress.stage(
             5, "score", f"Ray Serve deployment of {model_uri}; MUSE splits via Ray Data"
         ):
-            endpoint = _deploy(model_uri, opts.recipe, overrides, "quickstart")
+            endpoint = _deploy(model_uri, opts.recipe, overrides, "quickstart", server.uri)
             print(f"    endpoint {endpoint}/v1/segment")
-            scored = _score_splits(opts, out, model_uri, overrides, "quickstart")
+            scored = _score_splits(opts, out, model_uri, overrides, "quickstart", server.uri)
         with progress.stage(6, "report", f"writing {out / 'report'}"):
             summary = _summarise(
                 opts, out, server.uri, result, scored, run_name, overrides, progress
