@@ -52,7 +52,7 @@ class QuickstartOptions:
     images: int = 240
     image_size: int = 128
     seed: int = 0
-    steps: int = 1400
+    steps: int = 800
     micro_batch_size: int = 4
     workers: int = 1
     max_new_tokens: int = 48
