@@ -98,7 +98,10 @@ def _build_all_shards(corpus: Path, shards: Path) -> dict[str, Any]:
 
 
 def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> list[str]:
+    base = load_recipe(opts.recipe, opts.overrides)
+    warmup = min(base.train.warmup_steps, opts.steps // 5)  # a short run keeps a short warm-up
     return [
+        f"train.warmup_steps={warmup}",
         f"data.shards_root={out / 'shards'}",
         f"train.storage_path={out / 'ray_results'}",
         f"train.run_name={run_name}",

@@ -109,14 +109,8 @@ def deployment_options(cfg: ServeConfig, num_cpus: float, num_gpus: float) -> di
     """Deployment options of a serve config: admission control, autoscaling, user_config.
 
     A replica counts as busy at one full batch: ``target_ongoing_requests = max_batch_size``.
-
-    Raises:
-        ConfigError: ``max_queued_requests`` is 0, which Ray Serve rejects.
+    ``ServeConfig`` already rejects values Ray Serve would refuse (e.g. ``max_queued_requests=0``).
     """
-    if cfg.max_queued_requests == 0:
-        raise ConfigError(
-            "serve.max_queued_requests=0 is not accepted by Ray Serve; use -1 (no limit) or >= 1"
-        )
     return {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,

@@ -112,8 +112,8 @@ def test_build_app_args_and_options_are_validated():
 
     with pytest.raises(ConfigError, match="modle"):
         build_app({"modle": "x"})
-    with pytest.raises(ConfigError, match="max_queued_requests=0"):
-        deployment_options(ServeConfig(max_queued_requests=0), 1, 0)
+    with pytest.raises(ConfigError, match="serve.max_queued_requests must be -1"):
+        load_recipe(None, ["serve.max_queued_requests=0"])  # Ray Serve rejects 0: caught up front
     opts = deployment_options(ServeConfig(min_replicas=0, max_replicas=3), 1, 0)
     assert opts["autoscaling_config"]["initial_replicas"] == 1
     assert opts["autoscaling_config"]["max_replicas"] == 3
