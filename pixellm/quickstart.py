@@ -17,6 +17,7 @@ Each run gets its own run name and free ports, so a second run does not collide 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -82,6 +83,31 @@ class _Progress:
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _start_ray(recipe: Any) -> None:
+    """Connect to ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1 for every stage.
+
+    The local cluster gets 2 logical CPUs on top of what training needs: the Serve replica holds
+    one CPU while Ray Data's read task needs a whole one, which a 2-core machine would otherwise
+    never free (scoring would wait forever).
+    """
+    import math
+
+    import ray
+
+    from pixellm.train.driver import init_ray
+
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        init_ray(recipe)
+        return
+    t = recipe.train
+    need = t.num_workers * (t.cpus_per_worker + 2 * recipe.data.preprocess_cpus)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need)) + 2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}},
+    )
 
 
 def _build_all_shards(corpus: Path, shards: Path) -> dict[str, Any]:
@@ -276,14 +302,16 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
                 out / "corpus", seed=opts.seed, images=opts.images, image_size=opts.image_size
             )
         with progress.stage(2, "shards", "converting every format to Parquet shards with Ray Data"):
-            from pixellm.train.driver import init_ray
-
-            init_ray(recipe)
+            _start_ray(recipe)
             _build_all_shards(out / "corpus", out / "shards")
         with progress.stage(3, "mlflow", "starting mlflow server (SQLite backend) on 127.0.0.1"):
             from pixellm.tracking import start_mlflow_server
 
             server = start_mlflow_server(out / "mlflow")
+            atexit.register(server.stop)  # backstop if the interpreter exits past ``finally``
+            # ray.init installs its own SIGTERM handler; ours raises KeyboardInterrupt so that
+            # ``finally`` stops Ray, Serve and this server.
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
             os.environ["MLFLOW_TRACKING_URI"] = server.uri
             print(f"    tracking URI {server.uri}")
         with progress.stage(
