@@ -125,7 +125,8 @@ def _build_all_shards(corpus: Path, shards: Path) -> dict[str, Any]:
 
 def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> list[str]:
     base = load_recipe(opts.recipe, opts.overrides)
-    warmup = min(base.train.warmup_steps, opts.steps // 5)  # a short run keeps a short warm-up
+    # a short run keeps a short warm-up (DeepSpeed needs at least one warm-up step)
+    warmup = max(1, min(base.train.warmup_steps, opts.steps // 5))
     return [
         f"train.warmup_steps={warmup}",
         f"data.shards_root={out / 'shards'}",

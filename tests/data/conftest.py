@@ -54,7 +54,7 @@ def small_recipe(shards_root: Path) -> Recipe:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A 2-CPU local Ray on 127.0.0.1, shut down at the end if this fixture started it."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
