@@ -143,8 +143,15 @@ def test_local_cluster_runs_a_submitted_job_without_shadowing_the_stdlib(local_c
     assert env["RAY_ADDRESS"].startswith("http://127.0.0.1:")
     assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
 
-    status = _run(["bash", str(SCRIPT), "status"], local_cluster, timeout=60)
-    assert status.returncode == 0, status.stdout + status.stderr
+    # `up` returns once the worker process is started; the node registers with the head a few
+    # seconds later on a loaded machine, so poll `status` (bounded) until it shows the worker.
+    deadline = time.monotonic() + 90
+    while True:
+        status = _run(["bash", str(SCRIPT), "status"], local_cluster, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        if "local_worker" in status.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert "ray:          up" in status.stdout and "mlflow:       up" in status.stdout
     assert "local_worker" in status.stdout  # the worker node joined
 
