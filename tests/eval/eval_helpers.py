@@ -18,38 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pixellm.data.schema import SHARD_SCHEMA
 from pixellm.eval import encode_mask
 
 H = W = 4
 
-RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
-SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("corpus", pa.string()),
-        ("split", pa.string()),
-        ("task", pa.string()),
-        ("image", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("conversation", pa.list_(pa.struct([("role", pa.string()), ("text", pa.string())]))),
-        (
-            "targets",
-            pa.list_(
-                pa.struct(
-                    [
-                        ("name", pa.string()),
-                        ("description", pa.string()),
-                        ("rle", RLE),
-                        ("bbox", pa.list_(pa.float32())),
-                    ]
-                )
-            ),
-        ),
-        ("ignore", RLE),
-        ("meta", pa.string()),
-    ]
-)
+SCHEMA = SHARD_SCHEMA  # the one row schema the converters write
 
 
 def box(rows: slice, cols: slice) -> np.ndarray:
