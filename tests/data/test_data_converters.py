@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 
-from pixellm.data.formats import DataError, load_refs, parse_format
+from pixellm.data.formats import DataError, load_refs
 from pixellm.data.schema import SHARD_SCHEMA, rle_to_mask
 from pixellm.data.shards import build_shards
 from pixellm.model.codebook import PLACEHOLDER
