@@ -721,3 +721,17 @@ def test_sentinel_records_a_read(tmp_path: Path) -> None:
     assert (tmp_path / "secret").read_bytes() == b"SECRET"
     sentinel.close()
     assert sentinel.opened == 1
+
+
+def test_deeply_nested_record_value_is_a_reject_not_a_recursion_error() -> None:
+    """Pickles unpickle iteratively, so a refs file can hold a 100,000-deep value."""
+    from pixellm.data.formats.common import RecordRejected, validate
+    from pixellm.data.formats.refer import ReferRef
+
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    ref = {"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "val", "sentences": deep}
+    with pytest.raises(RecordRejected) as err:
+        validate(ReferRef, ref)
+    assert err.value.reason == R.MALFORMED_RECORD and "sentences" in err.value.detail

@@ -28,6 +28,7 @@ from pixellm.data.formats.common import (
     Segmentation,
     Side,
     Specs,
+    Text,
     conversation,
     duplicates,
     expect,
@@ -45,14 +46,14 @@ __all__ = ["CocoAnnotation", "CocoCategory", "CocoImage", "CocoIndex", "coco_ind
 
 class CocoImage(Record):
     id: Id
-    file_name: Annotated[str, Field(min_length=1)]
+    file_name: Annotated[Text, Field(min_length=1)]
     height: Side
     width: Side
 
 
 class CocoCategory(Record):
     id: Id
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[Text, Field(min_length=1)]
 
 
 class CocoAnnotation(Record):

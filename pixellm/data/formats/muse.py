@@ -27,6 +27,7 @@ from pixellm.data.formats.common import (
     Segmentation,
     Side,
     Specs,
+    Text,
     conversation,
     duplicates,
     expect,
@@ -46,8 +47,8 @@ __all__ = ["MuseInstance", "MuseRecord", "parse_muse"]
 class MuseInstance(Record):
     """One instance answering a question."""
 
-    category_name: Annotated[str, Field(min_length=1)]
-    rephrased_name: str | None = None
+    category_name: Annotated[Text, Field(min_length=1)]
+    rephrased_name: Text | None = None
     segmentation: Segmentation
 
 
@@ -55,13 +56,13 @@ class MuseRecord(Record):
     """One MUSE image record."""
 
     id: Id | None = None
-    file_name: str | None = None
-    coco_url: str | None = None
+    file_name: Text | None = None
+    coco_url: Text | None = None
     height: Side | None = None
     width: Side | None = None
-    questions: list[str]
+    questions: list[Text]
     answers: list[list[MuseInstance]]
-    text_answers: list[str] | None = None
+    text_answers: list[Text] | None = None
 
     @model_validator(mode="after")
     def _aligned(self) -> MuseRecord:

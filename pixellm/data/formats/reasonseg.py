@@ -29,6 +29,7 @@ from pixellm.data.formats.common import (
     RecordRejected,
     Side,
     Specs,
+    Text,
     conversation,
     image_path,
     read_json,
@@ -45,17 +46,17 @@ _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
 class ReasonSegShape(Record):
-    label: str
+    label: Text
     points: Annotated[
         list[Annotated[list[float], Field(min_length=2, max_length=2)]], Field(min_length=3)
     ]
 
 
 class ReasonSegRecord(Record):
-    text: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+    text: Annotated[Text, Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)]
     is_sentence: bool = False
     shapes: list[ReasonSegShape]
-    imagePath: str | None = None  # noqa: N815 (LabelMe's key)
+    imagePath: Text | None = None  # noqa: N815 (LabelMe's key)
     imageHeight: Side | None = None  # noqa: N815
     imageWidth: Side | None = None  # noqa: N815
 
