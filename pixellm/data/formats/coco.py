@@ -185,7 +185,7 @@ def _image_rows(idx: CocoIndex, image_id: Any, split: str, corpus: str, file: st
     by_cat: dict[Any, list] = defaultdict(list)
     for a in idx.anns_by_image[image_id]:
         by_cat[a.category_id].append(a.segmentation)
-    cat_ids = sorted(by_cat, key=str)
+    cat_ids = sorted(by_cat, key=lambda c: (isinstance(c, str), c))  # ints by value, then str
     out = []
     for g in range(0, len(cat_ids), 3):  # up to 3 classes per question, as the authors sample
         names = [idx.categories[c] for c in cat_ids[g : g + 3]]
