@@ -434,6 +434,18 @@ CASES = [
     ),
     Case(
         "muse",
+        "short_polygon",
+        _muse(answers=[[{"category_name": "circle", "segmentation": [[1, 2, 3, 4]]}]]),
+        _one("muse", "[3]", R.MALFORMED_SEGMENTATION),
+    ),
+    Case(
+        "coco",
+        "rle_size",
+        _coco_image(seg={"size": [10, 10], "counts": [100]}),
+        _one("coco", "image 4", R.SEGMENTATION_SIZE_MISMATCH),
+    ),
+    Case(
+        "muse",
         "seg_count",
         _muse(text_answers=["{seg} and {seg}"]),
         _one("muse", "[3]", R.SEG_COUNT_MISMATCH),
@@ -663,9 +675,7 @@ def test_every_reason_is_documented_and_tested() -> None:
     readme = (Path(__file__).parents[2] / "pixellm/data/README.md").read_text()
     for reason in RejectReason:
         assert f"| `{reason.value}` |" in readme, reason
-    tested = {reason for c in CASES for _, _, reason in c.rejects}
-    # the writer's two remaining segmentation reasons are covered in test_data_converters.py
-    assert set(RejectReason) - tested <= {R.MALFORMED_SEGMENTATION, R.SEGMENTATION_SIZE_MISMATCH}
+    assert {reason for c in CASES for _, _, reason in c.rejects} == set(RejectReason)
 
 
 def test_reject_reason_is_a_closed_set() -> None:
