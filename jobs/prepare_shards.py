@@ -1,8 +1,10 @@
 """Ray job: convert one corpus to Parquet shards (a Ray Data job, one task per shard).
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
+    ray job submit --working-dir . --runtime-env platform/runtime/gpu-pip.yaml -- \
         python jobs/prepare_shards.py --format muse --input data/muse --images data/coco/train2014 \
         --out s3://bucket/shards/muse
+
+Inside a Ray job Ray Data runs on the job's cluster ($RAY_ADDRESS); standalone it starts a local Ray.
 """
 
 from __future__ import annotations

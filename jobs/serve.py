@@ -1,7 +1,11 @@
 """Ray job: deploy the PixelLM Serve application and keep serving (same options as `pixellm serve`).
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/serve.py --model models:/pixellm-tiny/latest --recipe platform/recipes/tiny.yaml
+    ray job submit --working-dir . --runtime-env platform/runtime/gpu-pip.yaml -- \
+        python jobs/serve.py --model models:/pixellm-7b/latest --recipe platform/recipes/pixellm-7b.yaml
+
+Inside a Ray job it joins the job's cluster ($RAY_ADDRESS, no resource arguments); run standalone it
+starts a local loopback Ray. Replica resources and autoscaling bounds come from the recipe's `serve`
+section (--num-cpus / --num-gpus override the resources).
 
 For a declarative deployment use `serve run platform/serve/pixellm.yaml` (or `serve deploy`).
 """
