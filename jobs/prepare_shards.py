@@ -1,4 +1,11 @@
-"""Ray job: convert one corpus to Parquet shards (a Ray Data job, one task per shard).
+"""Ray job: convert corpora to Parquet shards (a Ray Data job, one task per shard).
+
+One corpus (same options as `pixellm shards build`), or with --sources every corpus of a recipe's
+mixture, each into the directory the mixture names (as `pixellm shards build-all`):
+
+    ray job submit --working-dir . --runtime-env platform/runtime/gpu-pip.yaml -- \
+        python jobs/prepare_shards.py --recipe platform/recipes/pixellm-7b.yaml \
+        --sources /mnt/shared/corpora/sources.yaml
 
     ray job submit --working-dir . --runtime-env platform/runtime/gpu-pip.yaml -- \
         python jobs/prepare_shards.py --format muse --input data/muse --images data/coco/train2014 \
@@ -15,14 +22,23 @@ import sys
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from pixellm.data.commands import add_build_arguments, run_build  # noqa: E402
+from pixellm.data.commands import (  # noqa: E402
+    add_build_all_arguments,
+    add_build_arguments,
+    run_build,
+    run_build_all,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the ``pixellm shards build`` options and run the build."""
+    """Parse the ``pixellm shards build`` (or, with --sources, ``build-all``) options and build."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    if any(a == "--sources" or a.startswith("--sources=") for a in argv):
+        add_build_all_arguments(parser)
+        return run_build_all(parser.parse_args(argv))
     add_build_arguments(parser)
     return run_build(parser.parse_args(argv))
 
