@@ -30,17 +30,26 @@ from pixellm.data.commands import (  # noqa: E402
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the ``pixellm shards build`` (or, with --sources, ``build-all``) options and build."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pixellm shards build`` parser, or with --sources in ``argv`` the ``build-all`` one."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="jobs/prepare_shards.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if any(a == "--sources" or a.startswith("--sources=") for a in argv):
         add_build_all_arguments(parser)
-        return run_build_all(parser.parse_args(argv))
-    add_build_arguments(parser)
-    return run_build(parser.parse_args(argv))
+    else:
+        add_build_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options and build one corpus (``run_build``) or all (``run_build_all``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return run_build_all(args) if hasattr(args, "sources") else run_build(args)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,20 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from pixellm.serve.commands import add_score_arguments, run_score  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the `pixellm score` options and score."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The job's argument parser (the options of ``pixellm score``)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="jobs/score.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_score_arguments(parser)
-    return run_score(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the ``pixellm score`` options and run."""
+    return run_score(build_parser(argv).parse_args(argv))
 
 
 if __name__ == "__main__":

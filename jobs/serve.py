@@ -21,13 +21,20 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from pixellm.serve.commands import add_serve_arguments, run_serve  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the `pixellm serve` options and serve until interrupted."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The job's argument parser (the options of ``pixellm serve``)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="jobs/serve.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_serve_arguments(parser)
-    return run_serve(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the ``pixellm serve`` options and run."""
+    return run_serve(build_parser(argv).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -37,19 +37,24 @@ def _key(node: Any) -> str:
     return json.dumps(node, sort_keys=True, separators=(",", ":"))
 
 
-def _count(node: Any, counts: Counter) -> None:
+def _count(node: Any, counts: Counter, schema: bool = True) -> None:
+    """Count schema subtrees (a ``properties`` map is not a schema; its values are)."""
     if isinstance(node, dict):
-        key = _key(node)
-        if len(key) >= MIN_SHARED:
-            counts[key] += 1
-        for v in node.values():
-            _count(v, counts)
+        if schema and len(_key(node)) >= MIN_SHARED:
+            counts[_key(node)] += 1
+        for k, v in node.items():
+            if schema and k == "properties" and isinstance(v, dict):
+                for sub in v.values():
+                    _count(sub, counts)
+            else:
+                _count(v, counts, schema=k not in ("enum", "required", "default"))
     elif isinstance(node, list):
         for v in node:
-            _count(v, counts)
+            _count(v, counts, schema)
 
 
 def _share(node: Any, counts: Counter, defs: dict[str, Any], top: bool = False) -> Any:
+    """``node`` (a schema) with every repeated large schema subtree replaced by a ``$ref``."""
     if isinstance(node, dict):
         key = _key(node)
         if not top and counts.get(key, 0) > 1:
@@ -58,7 +63,15 @@ def _share(node: Any, counts: Counter, defs: dict[str, Any], top: bool = False) 
                 defs[name] = None  # reserve, then fill (its own shared parts become refs too)
                 defs[name] = _share(node, counts, defs, top=True)
             return {"$ref": f"#/$defs/{name}"}
-        return {k: _share(v, counts, defs) for k, v in node.items()}
+        out = {}
+        for k, v in node.items():
+            if k == "properties" and isinstance(v, dict):
+                out[k] = {name: _share(sub, counts, defs) for name, sub in v.items()}
+            elif k in ("enum", "required", "default"):
+                out[k] = v
+            else:
+                out[k] = _share(v, counts, defs)
+        return out
     if isinstance(node, list):
         return [_share(v, counts, defs) for v in node]
     return node
