@@ -377,8 +377,9 @@ _FREE = {"tar", "ssh", "curl", "export", "source", "sleep", "openssl", "base64",
 
 def check_static(block: Block, created_secrets: set[str]) -> None:
     """Check every command of a block without running it; AssertionError names the command."""
-    from pixellm.cli import build_parser
     from ray.serve.scripts import cli as serve_cli
+
+    from pixellm.cli import build_parser
 
     names = kubernetes_names()
     release = next(
