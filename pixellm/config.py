@@ -161,7 +161,9 @@ class DataConfig(_Strict):
     def _check(self) -> DataConfig:
         bad = {k: v for k, v in self.mixture.items() if v < 0}
         if bad or not any(v > 0 for v in self.mixture.values()):
-            raise ValueError(f"data.mixture needs non-negative ratios with one > 0, got {self.mixture}")
+            raise ValueError(
+                f"data.mixture needs non-negative ratios with one > 0, got {self.mixture}"
+            )
         return self
 
 
@@ -226,6 +228,8 @@ class ServeConfig(_Strict):
     max_question_chars: int = Field(2000, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     bearer_token: str | None = None
+    num_cpus: float = Field(1.0, gt=0)  # Ray CPUs per replica (torch threads follow it)
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs per replica; > 0 puts the model on CUDA
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -303,7 +307,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"recipe {source} does not exist")
         loaded = yaml.safe_load(p.read_text())
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {source} must be a YAML mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"recipe {source} must be a YAML mapping, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
     tree = apply_overrides(tree, overrides)
     try:

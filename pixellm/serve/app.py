@@ -91,8 +91,9 @@ class AppArgs(BaseModel):
         recipe: recipe YAML whose ``serve`` section sets the defaults (None = built-in defaults).
         set: dotted recipe overrides, e.g. ``["serve.max_batch_size=1"]``.
         tracking_uri: MLflow tracking URI for ``models:/`` (None = ``$MLFLOW_TRACKING_URI``).
-        num_cpus: CPUs reserved per replica (Ray also sets torch's thread count from it).
-        num_gpus: GPUs per replica; the model goes on CUDA when > 0.
+        num_cpus: CPUs reserved per replica (Ray also sets torch's thread count from it);
+            None = the recipe's ``serve.num_cpus``.
+        num_gpus: GPUs per replica, the model goes on CUDA when > 0; None = ``serve.num_gpus``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -101,8 +102,8 @@ class AppArgs(BaseModel):
     recipe: str | None = None
     set: list[str] = Field(default_factory=list)
     tracking_uri: str | None = None
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
 
 
 def deployment_options(cfg: ServeConfig, num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -313,7 +314,11 @@ def build_app(args: dict[str, Any]) -> Application:
             f"serve app args: {problems} (fields: {list(AppArgs.model_fields)})"
         ) from None
     cfg = load_recipe(parsed.recipe, parsed.set).serve
-    options = deployment_options(cfg, parsed.num_cpus, parsed.num_gpus)
+    options = deployment_options(
+        cfg,
+        cfg.num_cpus if parsed.num_cpus is None else parsed.num_cpus,
+        cfg.num_gpus if parsed.num_gpus is None else parsed.num_gpus,
+    )
     return PixelLMDeployment.options(**options).bind(
         model=_local_or_uri(parsed.model), tracking_uri=parsed.tracking_uri
     )
