@@ -227,9 +227,23 @@ class ServeConfig(_Strict):
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     max_question_chars: int = Field(2000, gt=0)
     max_new_tokens: int = Field(64, gt=0)
-    bearer_token: str | None = None
     num_cpus: float = Field(1.0, gt=0)  # Ray CPUs per replica (torch threads follow it)
     num_gpus: float = Field(0.0, ge=0)  # Ray GPUs per replica; > 0 puts the model on CUDA
+    # Auth token: $PIXELLM_SERVE_TOKEN or the first line of this file (never the config itself).
+    bearer_token_file: str | None = None
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    retry_after_s: int = Field(1, ge=1)  # Retry-After of a 503 when the replica is full
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bearer_token" in data:
+            raise ValueError(
+                "serve.bearer_token is not accepted (a token in the config or on the command line "
+                "is visible in `ps` and in the deployment config): set $PIXELLM_SERVE_TOKEN or "
+                "serve.bearer_token_file"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
