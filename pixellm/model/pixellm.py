@@ -209,15 +209,19 @@ class PixelLM(nn.Module):
         hidden = lm_out.last_hidden_state  # (B, T, H), post final norm
         logits = self.llava.lm_head(hidden)  # (B, T, V)
 
-        image_index = torch.tensor(
-            [b for b, grp in enumerate(groups) for _ in grp], dtype=torch.long, device=hidden.device
-        )
         positions = [(b, pos) for b, grp in enumerate(groups) for pos in grp]
-        if positions:
-            states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
-        else:
-            states = hidden.new_zeros((0, self.codebook.group_size, hidden.shape[-1]))
-        square = self._decode(features, image_index, states)  # (K, 4g, 4g)
+        image_index = [b for b, _ in positions]
+        no_target = not positions
+        if no_target:
+            # Decode one dummy target (the first L·N states of item 0) and keep none of it: every
+            # rank then runs the same modules with the same graph shape, so each trainable tensor
+            # gets a gradient (0 here) and ZeRO's reductions and gathers match across ranks.
+            positions, image_index = [(0, list(range(self.codebook.group_size)))], [0]
+        states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
+        index = torch.tensor(image_index, dtype=torch.long, device=hidden.device)  # (K,)
+        square = self._decode(features, index, states)  # (K, 4g, 4g)
+        if no_target:
+            square = square[:0]  # (0, 4g, 4g), still on the graph: the mask losses are 0·Σ terms
         per_question = list(torch.split(square, [len(g) for g in groups]))
 
         if gt_masks is None:
@@ -233,7 +237,9 @@ class PixelLM(nn.Module):
         losses = mask_losses(
             resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha
         )
-        loss_txt = torch.zeros((), device=hidden.device)
+        # Graph-connected zero: every trainable part gets a gradient (0 where it had no influence)
+        # on every rank and micro-batch, so data-parallel gradient reductions always match.
+        loss_txt = logits.sum(dtype=torch.float32) * 0.0
         if labels is not None:
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(logits.device)
