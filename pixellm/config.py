@@ -156,6 +156,8 @@ class DataConfig(_Strict):
     max_targets: int = Field(9, ge=1)  # a sample with more targets is rejected by preprocessing
     shuffle_seed: int = 0
     preprocess_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data preprocessing task
+    preprocess_actors: int | None = Field(None, ge=1)  # one pool per run; None = CPUs left / cpus
+    prefetch_batches: int = Field(2, ge=0)  # micro-batches each worker prefetches (iter_torch_batches)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -193,6 +195,9 @@ class TrainConfig(_Strict):
     run_name: str = "pixellm-tiny"  # resubmitting with the same name resumes
     export_dir: str | None = None  # default: <storage_path>/<run_name>/model
     log_every: int = Field(1, gt=0)
+    sample_log: bool = False  # audit log <storage_path>/<run_name>/samples/rank-<r>.jsonl
+    eval_every: int = Field(0, ge=0)  # steps between val/giou evaluations (0 = off)
+    eval_samples: int = Field(8, gt=0)  # fixed val subset (data.val_split), sharded across ranks
 
     @property
     def global_batch_size(self) -> int:
