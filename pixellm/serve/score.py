@@ -73,7 +73,8 @@ class ScoreOptions:
         tracking_uri: MLflow tracking URI (None = recipe, then ``$MLFLOW_TRACKING_URI``; none = no
             logging).
         n_overlays: overlay pictures in the report.
-        replica_cpus: CPUs per replica when deploying.
+        replica_cpus: CPUs per replica when deploying (None = the recipe's ``serve.num_cpus``).
+        replica_gpus: GPUs per replica when deploying (None = the recipe's ``serve.num_gpus``).
     """
 
     model: str
@@ -91,7 +92,8 @@ class ScoreOptions:
     use_running: bool = False
     tracking_uri: str | None = None
     n_overlays: int = 8
-    replica_cpus: float = 1.0
+    replica_cpus: float | None = None
+    replica_gpus: float | None = None
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _deploy(opts: ScoreOptions) -> None:
             "set": opts.overrides,
             "tracking_uri": opts.tracking_uri,
             "num_cpus": opts.replica_cpus,
+            "num_gpus": opts.replica_gpus,
         }
     )
     serve.run(app, name=opts.app_name, route_prefix=f"/{opts.app_name}")
