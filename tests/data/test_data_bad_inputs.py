@@ -745,3 +745,32 @@ def test_deeply_nested_record_value_is_a_reject_not_a_recursion_error() -> None:
     with pytest.raises(RecordRejected) as err:
         validate(ReferRef, ref)
     assert err.value.reason == R.MALFORMED_RECORD and "sentences" in err.value.detail
+
+
+@pytest.mark.parametrize("fmt", ["muse", "reasonseg"])
+def test_forced_split_over_several_files_keeps_sample_ids_unique(
+    fmt: str, corpus_dir: Path
+) -> None:
+    """``--split all`` gathers MUSE files / ReasonSeg directories whose indexes or names repeat."""
+    specs, rejects = parse_format(fmt, corpus_dir / fmt, corpus_dir / "images", split="all")
+    natural, _ = parse_format(fmt, corpus_dir / fmt, corpus_dir / "images")
+    ids = [s["sample_id"] for s in specs["all"]]
+    assert not rejects and list(specs) == ["all"]
+    assert len(ids) == len(set(ids)) == sum(len(v) for v in natural.values())
+
+
+def test_a_repeated_sample_id_is_rejected_centrally(monkeypatch, world) -> None:
+    """Whatever a converter does, two rows never share a sample_id."""
+    import pixellm.data.formats as formats
+
+    tmp, _ = world
+    real = formats.PARSERS["llava"]
+
+    def twice(*args: Any) -> Any:
+        specs, rejects = real(*args)
+        return {"train": specs["train"] + specs["train"][:1]}, rejects
+
+    monkeypatch.setitem(formats.PARSERS, "llava", twice)
+    rows, rejects = _convert("llava", _llava_write(tmp, _llava_base(tmp)), tmp / "images")
+    assert [(r.record, r.reason) for r in rejects] == [("[0]", R.DUPLICATE_ID)]
+    assert len(rows) == 3

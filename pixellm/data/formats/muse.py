@@ -94,8 +94,10 @@ def _answer(anns: list[MuseInstance]) -> str:
     return join_names([f"the {n} {PLACEHOLDER}" for n in names]) + "."
 
 
-def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: str) -> list[dict]:
+def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: Path) -> list[dict]:
     image = image_path(images, rec.image_name)
+    # a forced --split gathers several files into one split: their record indexes would collide
+    key = f"{r:06d}" if _split_of(file) == split else f"{file.stem}/{r:06d}"
     out = []
     for q, (question, anns) in enumerate(zip(rec.questions, rec.answers, strict=True)):
         texts = rec.text_answers
@@ -110,7 +112,7 @@ def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: 
         ]
         out.append(
             row_spec(
-                sample_id=f"{corpus}/{split}/{r:06d}/q{q}",
+                sample_id=f"{corpus}/{split}/{key}/q{q}",
                 corpus=corpus,
                 split=split,
                 task="reason",
@@ -118,7 +120,7 @@ def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: 
                 hw=(rec.height, rec.width),
                 conv=conversation(question, answer),
                 targets=targets,
-                file=file,
+                file=file.name,
                 record=f"[{r}]",
                 meta={"file_name": rec.image_name, "image_id": rec.id, "templated": texts is None},
             )
@@ -159,7 +161,7 @@ def _parse_file(f: Path, split: str, corpus: str, images: Path, out: Collector) 
             f.name,
             f"[{r}]",
             split,
-            lambda rec=rec, r=r: _rows(rec, r, split, corpus, images, f.name),
+            lambda rec=rec, r=r: _rows(rec, r, split, corpus, images, f),
         )
 
 

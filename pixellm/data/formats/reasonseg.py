@@ -93,6 +93,8 @@ def _rows(f: Path, sp: str, corpus: str, images: Path) -> list[dict]:
         labels = sorted({s.label for s in rec.shapes})
         raise RecordRejected(RejectReason.NO_TARGET, f"no target shape (labels seen: {labels})")
     texts = [rec.text] if isinstance(rec.text, str) else rec.text
+    # a forced --split gathers several directories into one split: their file names could collide
+    key = f.stem if f.parent.name == sp else f"{f.parent.name}/{f.stem}"
     image = _image(f, rec, images)
     out = []
     for t, text in enumerate(texts):
@@ -102,7 +104,7 @@ def _rows(f: Path, sp: str, corpus: str, images: Path) -> list[dict]:
         )
         out.append(
             row_spec(
-                sample_id=f"{corpus}/{sp}/{f.stem}/t{t}",
+                sample_id=f"{corpus}/{sp}/{key}/t{t}",
                 corpus=corpus,
                 split=sp,
                 task="reason",
@@ -138,6 +140,8 @@ def parse_reasonseg(
     )
     dirs = dirs or [path]
     images = images or (path.parent / "images")
+    if not any(any(d.glob("*.json")) for d in dirs):
+        raise DataError(f"{path}: no ReasonSeg *.json files found (one directory per split)")
     out = Collector()
     for d in dirs:
         try:
