@@ -60,9 +60,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Build shards from parsed ``add_build_arguments`` options; prints a JSON summary."""
+    """Build shards from parsed ``add_build_arguments`` options.
+
+    Prints the quarantine summary (one line per reject reason), then a JSON summary as the last
+    line. An input file that cannot be read prints ``error: <file>: <problem>`` and returns 2.
+    """
     from pixellm.data.formats import DataError
-    from pixellm.data.shards import build_shards
+    from pixellm.data.shards import build_shards, reject_summary
 
     try:
         result = build_shards(
@@ -76,10 +80,11 @@ def run_build(args: argparse.Namespace) -> int:
             row_group_size=args.row_group_size,
             engine=args.engine,
         )
-    except DataError as err:
+    except DataError as err:  # a file-level problem: one line, no traceback
         print(f"error: {err}", flush=True)
         return 2
     m = result.manifest
+    print("\n".join(reject_summary(m)), flush=True)
     print(
         json.dumps(
             {

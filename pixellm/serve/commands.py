@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -34,8 +35,16 @@ def _init_ray(address: str | None, extra_cpus: float = 0.0) -> bool:
     return True
 
 
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Deploy the app on a local Ray (or ``--address``) and serve until interrupted."""
+    """Deploy the app on a local Ray (or ``--address``) and serve until Ctrl-C or SIGTERM.
+
+    Both stop the same way: Serve is shut down and, when this command started the local Ray, Ray
+    too (its dashboard, runtime-env and log agents included), so nothing is left running.
+    """
     from ray import serve
 
     from pixellm.config import load_recipe
@@ -55,19 +64,35 @@ def run_serve(args: argparse.Namespace) -> int:
             "num_gpus": args.num_gpus,
         }
     )
-    _init_ray(args.address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    url = f"http://{cfg.host}:{cfg.port}"
-    print(f"PixelLM serving {args.model} at {url}  (POST /v1/segment, GET /healthz, GET /v1/model)")
-    print("Ctrl-C stops it.", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = False
     try:
+        started = _init_ray(args.address)
+        # ray.init installs its own SIGTERM handler: put ours back so SIGTERM == Ctrl-C.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{cfg.host}:{cfg.port}"
+        print(
+            f"PixelLM serving {args.model} at {url}  (POST /v1/segment, GET /healthz, GET /v1/model)"
+        )
+        print("Ctrl-C or SIGTERM stops it.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        print("stopping", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up
+        import ray
+
+        if ray.is_initialized():
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+            else:  # someone else's cluster: remove only what this command deployed
+                serve.delete(APP_NAME)
+        signal.signal(signal.SIGTERM, previous)
+    print("stopped", file=sys.stderr, flush=True)
     return 0
 
 
