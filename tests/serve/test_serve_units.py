@@ -384,3 +384,33 @@ def test_registry_uri_resolves_to_the_exported_directory(tmp_path):
     ).read_bytes()
     with pytest.raises(ModelLoadError, match="cannot read the model from the registry"):
         resolve_model_dir("models:/pixellm-unit/7", uri, cache_dir=tmp_path / "dl2")
+
+
+def test_request_guard_turns_an_unexpected_error_into_a_json_500():
+    """The real middleware, driven over ASGI: a route that raises gives JSON, not a traceback."""
+    import asyncio
+
+    from pixellm.serve.app import RequestGuard
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("secret detail <object at 0x1234>")
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""}
+    asyncio.run(RequestGuard(broken)(scope, receive, send))
+    assert sent[0]["status"] == 500
+    assert dict(sent[0]["headers"])[b"content-type"] == b"application/json"
+    body = json.loads(sent[1]["body"])
+    assert (
+        body["request_id"]
+        and "RuntimeError" in body["error"]
+        and body["request_id"] in body["error"]
+    )
+    assert "secret detail" not in body["error"]
