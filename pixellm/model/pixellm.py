@@ -27,8 +27,12 @@ from torch import nn
 from pixellm.config import ModelConfig
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
-from pixellm.model.losses import mask_losses
-from pixellm.model.pixel_decoder import PixelLMPixelDecoder, build_pixel_decoder, mask_scores
+from pixellm.model.losses import mask_iou, mask_losses, score_loss
+from pixellm.model.pixel_decoder import (
+    PixelDecoderOutput,
+    PixelLMPixelDecoder,
+    build_pixel_decoder,
+)
 from pixellm.model.processing import (
     IGNORE_INDEX,
     PixelLMProcessor,
@@ -53,6 +57,9 @@ class PixelLMOutput:
         mask_logits: per question ``(K_b, h_b, w_b)`` logits at the ground-truth mask size when
             ``gt_masks`` is given, else at ``4g x 4g`` over the padded square.
         num_masks: masks that entered the mask losses.
+        loss_score: MSE of the predicted mask IoU against the measured one (scalar), None without
+            ground-truth masks.
+        scores: per question ``(K_b,)`` predicted IoU of each mask (the score head).
     """
 
     loss: torch.Tensor | None
@@ -62,6 +69,8 @@ class PixelLMOutput:
     logits: torch.Tensor
     mask_logits: list[torch.Tensor]
     num_masks: int = 0
+    loss_score: torch.Tensor | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -158,14 +167,14 @@ class PixelLM(nn.Module):
         features: list[torch.Tensor],
         image_index: torch.Tensor,
         token_states: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mask logits ``(K, 4g, 4g)`` for targets with codebook states ``(K, L·N, H)``."""
+    ) -> PixelDecoderOutput:
+        """Decoder output (mask logits ``(K, 4g, 4g)``, scores ``(K,)``) for targets with codebook
+        states ``(K, L·N, H)``."""
         k = token_states.shape[0]
         states = token_states.reshape(
             k, self.config.num_scales, self.config.tokens_per_group, token_states.shape[-1]
         )  # (K, L, N, H)
-        out = self.pixel_decoder(features, image_index, states.float())
-        return out.mask_logits
+        return self.pixel_decoder(features, image_index, states.float())
 
     def _target_positions(self, input_ids: torch.Tensor) -> list[list[list[int]]]:
         return [self.codebook.find_groups(row) for row in input_ids]
@@ -214,11 +223,13 @@ class PixelLM(nn.Module):
             states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
         else:
             states = hidden.new_zeros((0, self.codebook.group_size, hidden.shape[-1]))
-        square = self._decode(features, image_index, states)  # (K, 4g, 4g)
-        per_question = list(torch.split(square, [len(g) for g in groups]))
+        decoded = self._decode(features, image_index, states)
+        counts = [len(g) for g in groups]
+        per_question = list(torch.split(decoded.mask_logits, counts))  # (K_b, 4g, 4g) each
+        scores = list(torch.split(decoded.scores, counts))  # (K_b,) each
 
         if gt_masks is None:
-            return PixelLMOutput(None, None, None, None, logits, per_question)
+            return PixelLMOutput(None, None, None, None, logits, per_question, scores=scores)
         side = self.config.image_size
         resized = [
             logits_to_image_size(
@@ -227,9 +238,10 @@ class PixelLM(nn.Module):
             for b, m in enumerate(per_question)
         ]
         loss_cfg = self.config.loss
-        losses = mask_losses(
-            resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha
-        )
+        targets = [m.to(hidden.device).float() for m in gt_masks]
+        losses = mask_losses(resized, targets, loss_cfg.alpha)
+        ious = [mask_iou(r.detach(), t) for r, t in zip(resized, targets, strict=True)]
+        loss_score = score_loss(decoded.scores, torch.cat(ious) if ious else decoded.scores)
         loss_txt = torch.zeros((), device=hidden.device)
         if labels is not None:
             shift_logits = logits[:, :-1].float()
@@ -244,9 +256,18 @@ class PixelLM(nn.Module):
             loss_cfg.lambda_txt * loss_txt
             + loss_cfg.lambda_ref * losses.ref
             + loss_cfg.lambda_dice * losses.dice
+            + loss_cfg.lambda_score * loss_score
         )
         return PixelLMOutput(
-            loss, loss_txt, losses.ref, losses.dice, logits, resized, num_masks=losses.num_masks
+            loss,
+            loss_txt,
+            losses.ref,
+            losses.dice,
+            logits,
+            resized,
+            num_masks=losses.num_masks,
+            loss_score=loss_score,
+            scores=scores,
         )
 
     # ------------------------------------------------------------------ inference
@@ -277,9 +298,10 @@ class PixelLM(nn.Module):
         )
         h = self.llava.config.text_config.hidden_size
         all_states = torch.cat(states) if states else torch.zeros(0, self.codebook.group_size, h)
-        square = self._decode(features, image_index, all_states.to(self.device))
+        decoded = self._decode(features, image_index, all_states.to(self.device))
+        scores = torch.split(decoded.scores, counts)
         preds = []
-        for b, logits in enumerate(torch.split(square, counts)):
+        for b, logits in enumerate(torch.split(decoded.mask_logits, counts)):
             full = logits_to_image_size(
                 logits.float(), valid_hw[b], self.config.image_size, sizes[b]
             )
@@ -294,7 +316,7 @@ class PixelLM(nn.Module):
                 Prediction(
                     text=self._answer_text(answers[b]),
                     masks=rles,
-                    scores=[float(s) for s in mask_scores(full)],
+                    scores=[float(s) for s in scores[b]],
                     num_tokens=len(answers[b]),
                 )
             )
