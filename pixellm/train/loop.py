@@ -33,13 +33,14 @@ from pixellm.train.checkpoint import (
     remove_local,
     save_checkpoint,
 )
+from pixellm.train.optim import param_groups
 from pixellm.train.run_tracking import RunLogger
 from pixellm.train.sample_log import SampleLog
 from pixellm.train.validation import load_val_subset
 
 __all__ = ["LOSS_KEYS", "StepStats", "train_loop_per_worker"]
 
-LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice")
+LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score")
 _MODEL_KEYS = ("pixel_values", "valid_hw", "input_ids", "attention_mask", "labels", "gt_masks")
 
 
@@ -76,9 +77,9 @@ def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tupl
     model = build_pixellm(recipe.model)
     if recipe.train.use_gpu:
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, recipe.train)  # per-group lr (pixellm.train.optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config, dist_init_required=False
+        model=model, model_parameters=groups, config=ds_config, dist_init_required=False
     )
     return engine, model
 
