@@ -193,6 +193,12 @@ up_ray() {
   # loopback-bound GCS does not listen. This launcher runs the same `ray start` CLI with exactly those
   # two behaviours switched off; every process it starts keeps RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and
   # --node-ip-address 127.0.0.1, so the worker node stays on loopback.
+  # Supported alternatives checked (Ray 2.60) and why they do not do it: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+  # switches both behaviours together; --node-ip-address 127.0.0.1 is itself passed through
+  # resolve_ip_for_localhost by `ray start`; ray.cluster_utils.Cluster starts nodes from a Python
+  # driver (a test utility), not through the `ray start` CLI this script exists to exercise. The
+  # patch is guarded: a missing attribute stops `up` naming the Ray version, and check_nodes fails
+  # when any registered node is not on 127.0.0.1.
   env "$MARKER" python -c '
 import sys
 import ray

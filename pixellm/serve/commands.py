@@ -101,6 +101,10 @@ def run_score(args: argparse.Namespace) -> int:
     from pixellm.config import load_recipe
     from pixellm.serve.score import ScoreOptions, score_benchmark
 
+    cfg = load_recipe(args.recipe, args.set).serve
+    started = _init_ray(
+        args.address, extra_cpus=args.num_cpus if args.num_cpus is not None else cfg.num_cpus
+    )
     opts = ScoreOptions(
         model=args.model,
         benchmark=args.benchmark,
@@ -119,13 +123,9 @@ def run_score(args: argparse.Namespace) -> int:
         n_overlays=args.overlays,
         replica_cpus=args.num_cpus,
         replica_gpus=args.num_gpus,
+        # On a cluster Serve may outlive this run: start it where `pixellm serve` would.
+        http_options=None if started else {"host": cfg.host, "port": cfg.port},
     )
-    cpus = (
-        args.num_cpus
-        if args.num_cpus is not None
-        else load_recipe(args.recipe, args.set).serve.num_cpus
-    )
-    started = _init_ray(args.address, extra_cpus=cpus)
     try:
         result = score_benchmark(opts)
     finally:

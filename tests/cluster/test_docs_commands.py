@@ -81,7 +81,7 @@ def shell() -> Iterator[dict]:
     cluster_dir = tmp / "lc"
     gcs, dashboard, client, head_agent, worker_agent, mlflow, serve_port = _free_ports(7)
     model = f"pixellm-doc-{os.getpid()}-{int(time.time())}"
-    generate_corpus(tmp / "corpus", seed=0, images=16, image_size=64)
+    generate_corpus(tmp / "corpus", seed=0, images=10, image_size=64)
     recipe = yaml.safe_load(TINY.read_text())
     recipe["name"] = model
     recipe["data"]["shards_root"] = str(tmp / "pixellm" / "shards")
@@ -189,13 +189,18 @@ def _job_logs(shell: dict, text: str) -> str:
 # --------------------------------------------------------------------------- job outcomes
 
 
+def _overrides(args) -> list[str]:
+    """The ``--set`` values of a job's parsed arguments (``set`` or ``overrides``)."""
+    return list(getattr(args, "set", None) or getattr(args, "overrides", None) or [])
+
+
 def _expect_shards(args, where: str) -> None:
     from pixellm.config import load_recipe
     from pixellm.data.shards import read_manifest
 
     if not getattr(args, "sources", None):
         return
-    recipe = load_recipe(args.recipe, list(args.set))
+    recipe = load_recipe(args.recipe, _overrides(args))
     root = args.out or recipe.data.shards_root
     for corpus in recipe.data.mixture:
         manifest = read_manifest(f"{root}/{corpus}")
@@ -208,7 +213,7 @@ def _expect_trained(args, where: str) -> None:
 
     from pixellm.config import load_recipe
 
-    name = load_recipe(args.recipe, list(args.set)).mlflow.registered_model_name
+    name = load_recipe(args.recipe, _overrides(args)).mlflow.registered_model_name
     client = MlflowClient(os.environ["_PIXELLM_DOC_MLFLOW"])
     versions = client.search_model_versions(f"name='{name}'")
     assert versions, f"{where}: the training job registered no model {name}"
