@@ -5,7 +5,7 @@ Validates the recipe (before Ray starts), finds or creates the MLflow run, conne
 a ``TorchTrainer``. Same storage path + run name = Ray Train V2 restores the run and the workers
 resume from ``ray.train.get_checkpoint()``.
 
-Data: one dataset ``train`` for the run (``pixellm.data.stream.build_train_dataset``: every epoch's
+Data: one dataset ``train`` for the run (``pixellm.data.train_stream.build_train_dataset``: every epoch's
 plan, one preprocessing actor pool), split across the workers by Ray Train
 (``DataConfig(datasets_to_split=["train"])`` → ``streaming_split(equal=True)``) with
 ``preserve_order`` set in ``DataConfig(execution_options=…)`` — Ray Train replaces the dataset's own
@@ -186,7 +186,7 @@ def init_ray(recipe: Recipe) -> None:
 
 
 def _datasets(recipe: Recipe, start_board: str | None) -> dict[str, Any]:
-    from pixellm.data.stream import build_train_dataset
+    from pixellm.data.train_stream import build_train_dataset
 
     return {DATASET_NAME: build_train_dataset(recipe, recipe.train.num_workers, start_board)}
 
@@ -247,7 +247,7 @@ def train(recipe: Recipe) -> TrainResult:
     run_id = ensure_run(recipe, tracking_uri) if tracking_uri else None
     loop_config = build_loop_config(recipe, ds_config, run_id)
     init_ray(recipe)
-    from pixellm.data.stream import create_start_board
+    from pixellm.data.train_stream import create_start_board
 
     board = create_start_board(loop_config["start_board"])  # held until fit() returns
     result = make_trainer(recipe, loop_config, _datasets(recipe, loop_config["start_board"])).fit()

@@ -126,7 +126,7 @@ def data_stream(
     import torch.distributed as dist
 
     from pixellm.data.collate import collate_batch
-    from pixellm.data.stream import StreamLayout, set_stream_start
+    from pixellm.data.train_stream import StreamLayout, set_stream_start
 
     world = ray.train.get_context().get_world_size()
     if rank == 0 and start_board is not None:
