@@ -145,7 +145,7 @@ def _corpus_order(units: np.ndarray, count: int, rng: np.random.Generator) -> np
             got += n
             if got >= count:
                 break
-    return np.concatenate(out)[:count].astype(np.int64)
+    return np.concatenate(out)[:count].astype(np.int64) if out else np.zeros((0, 3), np.int64)
 
 
 def make_plan(data: DataConfig, split: str, num_samples: int, seed: int, ranks: int = 1) -> Plan:
