@@ -98,7 +98,8 @@ def _write_manifest(fs: pafs.FileSystem, base: str, manifest: dict) -> None:
 
 
 def _reject_order(r: dict) -> tuple:
-    return (r.get("split") or "", r["file"], r["record"], r["reason"], r.get("sample_id") or "")
+    keys = ("split", "file", "record", "reason", "sample_id")  # .get: manifests before "file"
+    return tuple(str(r.get(k) or "") for k in keys)
 
 
 def _manifest(

@@ -153,6 +153,23 @@ def _merged_rle(segs: list, h: int, w: int) -> dict[str, Any]:
     return encode_mask(mask)
 
 
+def _check_utf8(spec: dict) -> Reject | None:
+    """The converters reject bad text naming its field; this keeps Arrow safe regardless."""
+    texts = [spec[k] for k in ("sample_id", "corpus", "split", "task", "image_path")]
+    texts += [t[k] for t in spec["conversation"] for k in ("role", "text")]
+    texts += [t[k] for t in spec["targets"] for k in ("name", "description")]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return _reject(
+                spec,
+                RejectReason.INVALID_TEXT,
+                f"{ascii(text[:60])}: not valid UTF-8: {err.reason}",
+            )
+    return None
+
+
 def _check_text(spec: dict, placeholder: str) -> Reject | None:
     conv = spec["conversation"]
     for t, turn in enumerate(conv):
@@ -182,11 +199,7 @@ def materialize(
         cache: image path → decoded bytes/size, shared by the rows of one shard.
         max_pixels: images whose header claims more pixels (h * w) are rejected undecoded.
     """
-    try:  # the converters reject bad text with its field; this keeps Arrow safe regardless
-        json.dumps(spec, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as err:
-        return _reject(spec, RejectReason.INVALID_TEXT, f"text that is not valid UTF-8: {err}")
-    bad = _check_text(spec, placeholder)
+    bad = _check_utf8(spec) or _check_text(spec, placeholder)
     if bad is not None:
         return bad
     got = _load_image(spec, {} if cache is None else cache, max_pixels)

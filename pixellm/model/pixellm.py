@@ -27,8 +27,12 @@ from torch import nn
 from pixellm.config import ModelConfig
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
-from pixellm.model.losses import mask_losses
-from pixellm.model.pixel_decoder import PixelLMPixelDecoder, build_pixel_decoder, mask_scores
+from pixellm.model.losses import mask_iou, mask_losses, score_loss
+from pixellm.model.pixel_decoder import (
+    PixelDecoderOutput,
+    PixelLMPixelDecoder,
+    build_pixel_decoder,
+)
 from pixellm.model.processing import (
     IGNORE_INDEX,
     PixelLMProcessor,
@@ -55,6 +59,9 @@ class PixelLMOutput:
         mask_logits: per question ``(K_b, h_b, w_b)`` logits at the ground-truth mask size when
             ``gt_masks`` is given, else at ``4g x 4g`` over the padded square.
         num_masks: masks that entered the mask losses.
+        loss_score: MSE of the predicted mask IoU against the measured one (scalar), None without
+            ground-truth masks.
+        scores: per question ``(K_b,)`` predicted IoU of each mask (the score head).
     """
 
     loss: torch.Tensor | None
@@ -64,6 +71,8 @@ class PixelLMOutput:
     logits: torch.Tensor
     mask_logits: list[torch.Tensor]
     num_masks: int = 0
+    loss_score: torch.Tensor | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -160,15 +169,15 @@ class PixelLM(nn.Module):
         features: list[torch.Tensor],
         image_index: torch.Tensor,
         token_states: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mask logits ``(K, 4g, 4g)`` for targets with codebook states ``(K, L·N, H)``."""
+    ) -> PixelDecoderOutput:
+        """Decoder output (mask logits ``(K, 4g, 4g)``, scores ``(K,)``) for targets with codebook
+        states ``(K, L·N, H)``."""
         k = token_states.shape[0]
         states = token_states.reshape(
             k, self.config.num_scales, self.config.tokens_per_group, token_states.shape[-1]
         )  # (K, L, N, H)
         features = [f.float() for f in features]  # the decoder runs in fp32 (a bf16 LLaVA too)
-        out = self.pixel_decoder(features, image_index, states.float())
-        return out.mask_logits
+        return self.pixel_decoder(features, image_index, states.float())
 
     def _target_positions(self, input_ids: torch.Tensor) -> list[list[list[int]]]:
         return [self.codebook.find_groups(row) for row in input_ids]
@@ -219,13 +228,17 @@ class PixelLM(nn.Module):
             positions, image_index = [(0, list(range(self.codebook.group_size)))], [0]
         states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
         index = torch.tensor(image_index, dtype=torch.long, device=hidden.device)  # (K,)
-        square = self._decode(features, index, states)  # (K, 4g, 4g)
+        decoded = self._decode(features, index, states)
+        mask_logits, all_scores = decoded.mask_logits, decoded.scores  # (K, 4g, 4g), (K,)
         if no_target:
-            square = square[:0]  # (0, 4g, 4g), still on the graph: the mask losses are 0·Σ terms
-        per_question = list(torch.split(square, [len(g) for g in groups]))
+            # (0, 4g, 4g) and (0,), still on the graph: the mask and score losses are 0·Σ terms
+            mask_logits, all_scores = mask_logits[:0], all_scores[:0]
+        counts = [len(g) for g in groups]
+        per_question = list(torch.split(mask_logits, counts))  # (K_b, 4g, 4g) each
+        scores = list(torch.split(all_scores, counts))  # (K_b,) each
 
         if gt_masks is None:
-            return PixelLMOutput(None, None, None, None, logits, per_question)
+            return PixelLMOutput(None, None, None, None, logits, per_question, scores=scores)
         side = self.config.image_size
         resized = [
             logits_to_image_size(
@@ -234,9 +247,10 @@ class PixelLM(nn.Module):
             for b, m in enumerate(per_question)
         ]
         loss_cfg = self.config.loss
-        losses = mask_losses(
-            resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha
-        )
+        targets = [m.to(hidden.device).float() for m in gt_masks]
+        losses = mask_losses(resized, targets, loss_cfg.alpha)
+        ious = [mask_iou(r.detach(), t) for r, t in zip(resized, targets, strict=True)]
+        loss_score = score_loss(all_scores, torch.cat(ious) if ious else all_scores.detach())
         # Graph-connected zero: every trainable part gets a gradient (0 where it had no influence)
         # on every rank and micro-batch, so data-parallel gradient reductions always match.
         loss_txt = logits.sum(dtype=torch.float32) * 0.0
@@ -253,9 +267,18 @@ class PixelLM(nn.Module):
             loss_cfg.lambda_txt * loss_txt
             + loss_cfg.lambda_ref * losses.ref
             + loss_cfg.lambda_dice * losses.dice
+            + loss_cfg.lambda_score * loss_score
         )
         return PixelLMOutput(
-            loss, loss_txt, losses.ref, losses.dice, logits, resized, num_masks=losses.num_masks
+            loss,
+            loss_txt,
+            losses.ref,
+            losses.dice,
+            logits,
+            resized,
+            num_masks=losses.num_masks,
+            loss_score=loss_score,
+            scores=scores,
         )
 
     # ------------------------------------------------------------------ inference
@@ -286,9 +309,10 @@ class PixelLM(nn.Module):
         )
         h = self.llava.config.text_config.hidden_size
         all_states = torch.cat(states) if states else torch.zeros(0, self.codebook.group_size, h)
-        square = self._decode(features, image_index, all_states.to(self.device))
+        decoded = self._decode(features, image_index, all_states.to(self.device))
+        scores = torch.split(decoded.scores, counts)
         preds = []
-        for b, logits in enumerate(torch.split(square, counts)):
+        for b, logits in enumerate(torch.split(decoded.mask_logits, counts)):
             full = logits_to_image_size(
                 logits.float(), valid_hw[b], self.config.image_size, sizes[b]
             )
@@ -303,7 +327,7 @@ class PixelLM(nn.Module):
                 Prediction(
                     text=self._answer_text(answers[b]),
                     masks=rles,
-                    scores=[float(s) for s in mask_scores(full)],
+                    scores=[float(s) for s in scores[b]],
                     num_tokens=len(answers[b]),
                 )
             )

@@ -135,6 +135,26 @@ class PixelLMProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def _turn_ids(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """Prompt and answer ids of one turn, tokenised together as ``prompt + " " + answer``.
+
+        Tokenising the answer on its own (``" " + answer``) differs on sentencepiece tokenizers
+        (Llama: a lone ``"▁"`` that generation after ``ASSISTANT:`` never produces); the joint ids
+        are split where the prompt's own ids end, which is what generation continues from.
+
+        Raises:
+            ValueError: the prompt's ids are not a prefix of the joint ids (a token would straddle
+                the prompt/answer boundary).
+        """
+        prompt_ids = self._ids(prompt)
+        joint = self._ids(f"{prompt} {answer}")
+        if joint[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                f"tokenizer merges the prompt's end with the answer ({prompt[-20:]!r} + "
+                f"{answer[:20]!r}); the prompt ids are not a prefix of the joint ids"
+            )
+        return prompt_ids, joint[len(prompt_ids) :]
+
     def _user_prefix(self, first: bool) -> str:
         image = self.tokenizer.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens
         system = f"{self.system_prompt} " if self.system_prompt else ""
@@ -166,9 +186,12 @@ class PixelLMProcessor:
                 raise ValueError(
                     f"turn {turn}: expected roles user, assistant; got {user.get('role')}, {assistant.get('role')}"
                 )
-            prompt = self._ids(self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:")
+            prompt, answer = self._turn_ids(
+                self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:",
+                self.codebook.expand(assistant["text"].strip()),
+            )
             num_targets += self.codebook.count_placeholders(assistant["text"])
-            answer = self._ids(" " + self.codebook.expand(assistant["text"].strip())) + [eos]
+            answer = answer + [eos]
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:

@@ -33,13 +33,14 @@ from pixellm.train.checkpoint import (
     remove_local,
     save_checkpoint,
 )
+from pixellm.train.optim import param_groups
 from pixellm.train.run_tracking import RunLogger
 from pixellm.train.sample_log import SampleLog
 from pixellm.train.validation import load_val_subset
 
 __all__ = ["LOSS_KEYS", "StepStats", "train_loop_per_worker"]
 
-LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice")
+LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score")
 _MODEL_KEYS = ("pixel_values", "valid_hw", "input_ids", "attention_mask", "labels", "gt_masks")
 
 
@@ -76,18 +77,22 @@ def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tupl
     model = build_pixellm(recipe.model)
     if recipe.train.use_gpu:
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, recipe.train)  # per-group lr (pixellm.train.optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config, dist_init_required=False
+        model=model, model_parameters=groups, config=ds_config, dist_init_required=False
     )
     return engine, model
 
 
 class _Recorder:
-    """Wraps the micro-batch stream and keeps the sample ids taken since the last ``take()``."""
+    """Wraps the micro-batch stream; ``take()`` returns the sample ids taken since the last call
+    and the CPU seconds this process spent off the training thread meanwhile (``data_cpu_s``:
+    Ray Data's iterator/prefetch threads and Ray's own; also intra-op threads when
+    ``train.cpus_per_worker`` > 1 and collective threads when there are several workers)."""
 
     def __init__(self, batches: Iterator[dict[str, Any]]):
         self.batches, self.ids = batches, []
+        self.cpu = time.process_time() - time.thread_time()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -97,9 +102,10 @@ class _Recorder:
         self.ids += batch["sample_id"]
         return batch
 
-    def take(self) -> list[str]:
+    def take(self) -> tuple[list[str], float]:
         ids, self.ids = self.ids, []
-        return ids
+        cpu, self.cpu = self.cpu, time.process_time() - time.thread_time()
+        return ids, self.cpu - cpu
 
 
 def data_stream(
@@ -327,11 +333,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.epoch = (state.step - 1) // t.steps_per_epoch
         state.micro_batches_consumed += t.grad_accum
-        ids = batches.take()
+        ids, data_cpu = batches.take()
         if samples is not None:
             samples.add(state.step, ids)
-        extra = _maybe_validate(engine, val, t.eval_every, state.step, rank)
-        if state.step % t.log_every == 0 or state.step == total or extra:
+        extra = {
+            "data_cpu_s": data_cpu,
+            **_maybe_validate(engine, val, t.eval_every, state.step, rank),
+        }
+        if state.step % t.log_every == 0 or state.step == total or "val/giou" in extra:
             metrics = _progress(rank, state.step, total, stats, _lr(engine), t0, first, world)
             if logger is not None:
                 logger.add_metrics(state.step, {**metrics, **extra, "epoch": state.epoch})

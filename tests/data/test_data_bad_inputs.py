@@ -434,6 +434,18 @@ CASES = [
     ),
     Case(
         "muse",
+        "short_polygon",
+        _muse(answers=[[{"category_name": "circle", "segmentation": [[1, 2, 3, 4]]}]]),
+        _one("muse", "[3]", R.MALFORMED_SEGMENTATION),
+    ),
+    Case(
+        "coco",
+        "rle_size",
+        _coco_image(seg={"size": [10, 10], "counts": [100]}),
+        _one("coco", "image 4", R.SEGMENTATION_SIZE_MISMATCH),
+    ),
+    Case(
+        "muse",
         "seg_count",
         _muse(text_answers=["{seg} and {seg}"]),
         _one("muse", "[3]", R.SEG_COUNT_MISMATCH),
@@ -663,9 +675,7 @@ def test_every_reason_is_documented_and_tested() -> None:
     readme = (Path(__file__).parents[2] / "pixellm/data/README.md").read_text()
     for reason in RejectReason:
         assert f"| `{reason.value}` |" in readme, reason
-    tested = {reason for c in CASES for _, _, reason in c.rejects}
-    # the writer's two remaining segmentation reasons are covered in test_data_converters.py
-    assert set(RejectReason) - tested <= {R.MALFORMED_SEGMENTATION, R.SEGMENTATION_SIZE_MISMATCH}
+    assert {reason for c in CASES for _, _, reason in c.rejects} == set(RejectReason)
 
 
 def test_reject_reason_is_a_closed_set() -> None:
@@ -721,3 +731,46 @@ def test_sentinel_records_a_read(tmp_path: Path) -> None:
     assert (tmp_path / "secret").read_bytes() == b"SECRET"
     sentinel.close()
     assert sentinel.opened == 1
+
+
+def test_deeply_nested_record_value_is_a_reject_not_a_recursion_error() -> None:
+    """Pickles unpickle iteratively, so a refs file can hold a 100,000-deep value."""
+    from pixellm.data.formats.common import RecordRejected, validate
+    from pixellm.data.formats.refer import ReferRef
+
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    ref = {"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "val", "sentences": deep}
+    with pytest.raises(RecordRejected) as err:
+        validate(ReferRef, ref)
+    assert err.value.reason == R.MALFORMED_RECORD and "sentences" in err.value.detail
+
+
+@pytest.mark.parametrize("fmt", ["muse", "reasonseg"])
+def test_forced_split_over_several_files_keeps_sample_ids_unique(
+    fmt: str, corpus_dir: Path
+) -> None:
+    """``--split all`` gathers MUSE files / ReasonSeg directories whose indexes or names repeat."""
+    specs, rejects = parse_format(fmt, corpus_dir / fmt, corpus_dir / "images", split="all")
+    natural, _ = parse_format(fmt, corpus_dir / fmt, corpus_dir / "images")
+    ids = [s["sample_id"] for s in specs["all"]]
+    assert not rejects and list(specs) == ["all"]
+    assert len(ids) == len(set(ids)) == sum(len(v) for v in natural.values())
+
+
+def test_a_repeated_sample_id_is_rejected_centrally(monkeypatch, world) -> None:
+    """Whatever a converter does, two rows never share a sample_id."""
+    import pixellm.data.formats as formats
+
+    tmp, _ = world
+    real = formats.PARSERS["llava"]
+
+    def twice(*args: Any) -> Any:
+        specs, rejects = real(*args)
+        return {"train": specs["train"] + specs["train"][:1]}, rejects
+
+    monkeypatch.setitem(formats.PARSERS, "llava", twice)
+    rows, rejects = _convert("llava", _llava_write(tmp, _llava_base(tmp)), tmp / "images")
+    assert [(r.record, r.reason) for r in rejects] == [("[0]", R.DUPLICATE_ID)]
+    assert len(rows) == 3

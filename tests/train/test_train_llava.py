@@ -51,7 +51,8 @@ import pixellm
 mods = sorted(m for m in sys.modules if m == "pixellm" or m.startswith("pixellm."))
 print(json.dumps({"text": out["text"][0], "masks": json.loads(out["masks"][0]),
                   "pixellm": pixellm.__file__, "modules": mods,
-                  "files": {m: getattr(sys.modules[m], "__file__", None) for m in mods}}))
+                  "files": {m: getattr(sys.modules[m], "__file__", None) for m in mods},
+                  "loaded": sorted({m.split(".")[0] for m in sys.modules})}))
 """
 
 
@@ -117,7 +118,11 @@ def test_llava_base_trains_exports_moves_and_reloads(
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not out["pixellm"].startswith(str(Path(__file__).resolve().parents[2]))
     assert out["text"] == alone.text and out["masks"] == alone.masks
+    # Third-party packages the logged code imports (statically) and that were really loaded.
     files = [f for f in out["files"].values() if f]
+    used = _third_party_imports(files) & set(out["loaded"])
     dists = packages_distributions()
-    needed = {d.lower() for n in _third_party_imports(files) for d in dists.get(n, [n])}
-    assert needed <= {p.lower() for p in PIP_PACKAGES} | {"mlflow"}, needed
+    allowed = {p.lower() for p in PIP_PACKAGES} | {"mlflow"}
+    missing = {n for n in used if not {d.lower() for d in dists.get(n, [n])} & allowed}
+    assert not missing, f"imported by the model but not in its requirements: {missing}"
+    assert {"torch", "transformers", "numpy"} <= used

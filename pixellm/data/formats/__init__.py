@@ -20,7 +20,7 @@ from pixellm.data.formats.llava import parse_llava
 from pixellm.data.formats.muse import parse_muse
 from pixellm.data.formats.reasonseg import parse_reasonseg
 from pixellm.data.formats.refer import RestrictedUnpickler, load_refs, parse_refer
-from pixellm.data.schema import CORPUS_BY_FORMAT, Reject
+from pixellm.data.schema import CORPUS_BY_FORMAT, Reject, RejectReason
 
 __all__ = ["PARSERS", "DataError", "RestrictedUnpickler", "load_refs", "parse_format"]
 
@@ -71,6 +71,33 @@ def parse_format(
             split_name(split)
         except ValueError as err:
             raise DataError(f"--split: {err}") from None
-    return PARSERS[fmt](
+    specs, rejects = PARSERS[fmt](
         path, Path(images).absolute() if images else None, corpus or CORPUS_BY_FORMAT[fmt], split
     )
+    return _unique_sample_ids(specs, rejects)
+
+
+def _unique_sample_ids(specs: Specs, rejects: list[Reject]) -> tuple[Specs, list[Reject]]:
+    """The shards' key, enforced for every format: a second spec with a sample_id is rejected."""
+    first: dict[str, dict] = {}
+    kept: Specs = {}
+    for split, rows in specs.items():
+        kept[split] = []
+        for s in rows:
+            if s["sample_id"] in first:
+                was = first[s["sample_id"]]
+                rejects.append(
+                    Reject(
+                        s["file"],
+                        s["record"],
+                        RejectReason.DUPLICATE_ID,
+                        f"sample_id {s['sample_id']!r} was already made from {was['file']} "
+                        f"{was['record']}",
+                        s["sample_id"],
+                        split,
+                    )
+                )
+                continue
+            first[s["sample_id"]] = s
+            kept[split].append(s)
+    return kept, rejects

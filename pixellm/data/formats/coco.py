@@ -28,6 +28,7 @@ from pixellm.data.formats.common import (
     Segmentation,
     Side,
     Specs,
+    Text,
     conversation,
     duplicates,
     expect,
@@ -45,14 +46,14 @@ __all__ = ["CocoAnnotation", "CocoCategory", "CocoImage", "CocoIndex", "coco_ind
 
 class CocoImage(Record):
     id: Id
-    file_name: Annotated[str, Field(min_length=1)]
+    file_name: Annotated[Text, Field(min_length=1)]
     height: Side
     width: Side
 
 
 class CocoCategory(Record):
     id: Id
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[Text, Field(min_length=1)]
 
 
 class CocoAnnotation(Record):
@@ -184,7 +185,7 @@ def _image_rows(idx: CocoIndex, image_id: Any, split: str, corpus: str, file: st
     by_cat: dict[Any, list] = defaultdict(list)
     for a in idx.anns_by_image[image_id]:
         by_cat[a.category_id].append(a.segmentation)
-    cat_ids = sorted(by_cat, key=str)
+    cat_ids = sorted(by_cat, key=lambda c: (isinstance(c, str), c))  # ints by value, then str
     out = []
     for g in range(0, len(cat_ids), 3):  # up to 3 classes per question, as the authors sample
         names = [idx.categories[c] for c in cat_ids[g : g + 3]]

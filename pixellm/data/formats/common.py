@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, with_config
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, with_config
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 from pixellm.data.schema import Reject, RejectReason
@@ -41,6 +43,7 @@ __all__ = [
     "Segmentation",
     "Side",
     "Specs",
+    "Text",
     "conversation",
     "duplicates",
     "expect",
@@ -56,6 +59,8 @@ ASK = "What is {} in this image? Please output segmentation mask."
 MAX_JSON_DEPTH = 64  # real corpora nest at most 7 levels (MUSE polygons); Python's parser ~1000
 _SPLIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 M = TypeVar("M", bound=BaseModel)
+_SHORT = reprlib.Repr()  # depth-limited: a 100,000-deep value is shown as [[[...]]]
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 4, 4
 
 
 class DataError(ValueError):
@@ -79,7 +84,22 @@ class Record(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
-Id = int | str
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PydanticCustomError(
+            "invalid_text",
+            "not valid UTF-8 text: {bad} at character {at}",
+            {"bad": ascii(text[err.start : err.end]), "at": err.start},
+        ) from None
+    return text
+
+
+# Every string a record model accepts: a lone surrogate ("\udcff", legal in JSON escapes and in
+# pickles) would crash pa.Table.from_pylist much later, so it is a reject here.
+Text = Annotated[str, AfterValidator(_utf8)]
+Id = int | Text
 Side = Annotated[int, Field(ge=1, le=1_000_000)]  # pixels
 
 
@@ -88,60 +108,32 @@ class RLE(TypedDict):
     """COCO RLE: ``counts`` uncompressed (run lengths) or compressed (pycocotools string)."""
 
     size: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
-    counts: list[Annotated[int, Field(ge=0)]] | str
+    counts: list[Annotated[int, Field(ge=0)]] | Text
 
 
 # Flat polygons [x0, y0, x1, y1, …] or an RLE; geometry (point count, bounds) is the writer's check.
 Segmentation = list[list[float]] | RLE
 
 
-def _bad_string(value: Any) -> str | None:
-    """Path of the first string (or dict key) that is not encodable as UTF-8, or None."""
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        where, v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as err:
-                return f"{where or 'value'}: {v[err.start : err.end]!r} at character {err.start}"
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                stack.append((f"{where}.{k}" if where else str(k), k))
-                stack.append((f"{where}.{k}" if where else str(k), x))
-        elif isinstance(v, (list, tuple)):
-            stack.extend((f"{where}.{i}" if where else str(i), x) for i, x in enumerate(v))
-    return None
-
-
-def _check_text(rec: Any) -> None:
-    try:  # C-speed fast path; the slow walk only runs to name the bad field
-        json.dumps(rec, ensure_ascii=False, check_circular=False).encode("utf-8")
-        return
-    except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
-        pass
-    bad = _bad_string(rec)
-    if bad is not None:
-        raise RecordRejected(RejectReason.INVALID_TEXT, f"text that is not valid UTF-8 in {bad}")
-
-
 def validate(model: type[M], rec: Any) -> M:
     """``rec`` → a validated ``model``; a record that does not fit is rejected, never raises else.
 
     Raises:
-        RecordRejected: ``invalid_text`` (a lone surrogate anywhere in the record) or
+        RecordRejected: ``invalid_text`` (a lone surrogate in any string the model reads) or
             ``malformed_record`` (pydantic's first errors, naming the field and the value seen).
     """
-    _check_text(rec)
     try:
         return model.model_validate(rec)
     except ValidationError as err:
         errs = err.errors(include_url=False)
+        text = [e for e in errs if e["type"] == "invalid_text"]
+        if text:
+            loc = ".".join(str(x) for x in text[0]["loc"])
+            raise RecordRejected(RejectReason.INVALID_TEXT, f"{loc}: {text[0]['msg']}") from None
         parts = []
         for e in errs[:3]:
             loc = ".".join(str(x) for x in e["loc"]) or "record"
-            seen = repr(e["input"])
-            parts.append(f"{loc}: {e['msg']} (got {seen[:60]}{'…' if len(seen) > 60 else ''})")
+            parts.append(f"{loc}: {e['msg']} (got {_SHORT.repr(e['input'])})")
         more = f"; and {len(errs) - 3} more" if len(errs) > 3 else ""
         raise RecordRejected(RejectReason.MALFORMED_RECORD, "; ".join(parts) + more) from None
     except RecursionError:

@@ -18,6 +18,7 @@ from pixellm.data.formats.common import (
     Id,
     Record,
     Specs,
+    Text,
     expect,
     image_path,
     read_json,
@@ -33,14 +34,14 @@ _ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "ass
 
 class LlavaTurn(Record):
     from_: Literal["human", "gpt", "user", "assistant"] = Field(alias="from")
-    value: str
+    value: Text
 
 
 class LlavaRecord(Record):
     """One conversation about one image."""
 
     id: Id | None = None
-    image: Annotated[str, Field(min_length=1)]
+    image: Annotated[Text, Field(min_length=1)]
     conversations: Annotated[list[LlavaTurn], Field(min_length=2)]
 
     @model_validator(mode="after")

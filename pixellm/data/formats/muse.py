@@ -27,6 +27,7 @@ from pixellm.data.formats.common import (
     Segmentation,
     Side,
     Specs,
+    Text,
     conversation,
     duplicates,
     expect,
@@ -46,8 +47,8 @@ __all__ = ["MuseInstance", "MuseRecord", "parse_muse"]
 class MuseInstance(Record):
     """One instance answering a question."""
 
-    category_name: Annotated[str, Field(min_length=1)]
-    rephrased_name: str | None = None
+    category_name: Annotated[Text, Field(min_length=1)]
+    rephrased_name: Text | None = None
     segmentation: Segmentation
 
 
@@ -55,13 +56,13 @@ class MuseRecord(Record):
     """One MUSE image record."""
 
     id: Id | None = None
-    file_name: str | None = None
-    coco_url: str | None = None
+    file_name: Text | None = None
+    coco_url: Text | None = None
     height: Side | None = None
     width: Side | None = None
-    questions: list[str]
+    questions: list[Text]
     answers: list[list[MuseInstance]]
-    text_answers: list[str] | None = None
+    text_answers: list[Text] | None = None
 
     @model_validator(mode="after")
     def _aligned(self) -> MuseRecord:
@@ -93,8 +94,10 @@ def _answer(anns: list[MuseInstance]) -> str:
     return join_names([f"the {n} {PLACEHOLDER}" for n in names]) + "."
 
 
-def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: str) -> list[dict]:
+def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: Path) -> list[dict]:
     image = image_path(images, rec.image_name)
+    # a forced --split gathers several files into one split: their record indexes would collide
+    key = f"{r:06d}" if _split_of(file) == split else f"{file.stem}/{r:06d}"
     out = []
     for q, (question, anns) in enumerate(zip(rec.questions, rec.answers, strict=True)):
         texts = rec.text_answers
@@ -109,7 +112,7 @@ def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: 
         ]
         out.append(
             row_spec(
-                sample_id=f"{corpus}/{split}/{r:06d}/q{q}",
+                sample_id=f"{corpus}/{split}/{key}/q{q}",
                 corpus=corpus,
                 split=split,
                 task="reason",
@@ -117,7 +120,7 @@ def _rows(rec: MuseRecord, r: int, split: str, corpus: str, images: Path, file: 
                 hw=(rec.height, rec.width),
                 conv=conversation(question, answer),
                 targets=targets,
-                file=file,
+                file=file.name,
                 record=f"[{r}]",
                 meta={"file_name": rec.image_name, "image_id": rec.id, "templated": texts is None},
             )
@@ -158,7 +161,7 @@ def _parse_file(f: Path, split: str, corpus: str, images: Path, out: Collector) 
             f.name,
             f"[{r}]",
             split,
-            lambda rec=rec, r=r: _rows(rec, r, split, corpus, images, f.name),
+            lambda rec=rec, r=r: _rows(rec, r, split, corpus, images, f),
         )
 
 

@@ -29,6 +29,7 @@ from pixellm.data.formats.common import (
     RecordRejected,
     Side,
     Specs,
+    Text,
     conversation,
     image_path,
     read_json,
@@ -45,17 +46,17 @@ _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
 class ReasonSegShape(Record):
-    label: str
+    label: Text
     points: Annotated[
         list[Annotated[list[float], Field(min_length=2, max_length=2)]], Field(min_length=3)
     ]
 
 
 class ReasonSegRecord(Record):
-    text: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+    text: Annotated[Text, Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)]
     is_sentence: bool = False
     shapes: list[ReasonSegShape]
-    imagePath: str | None = None  # noqa: N815 (LabelMe's key)
+    imagePath: Text | None = None  # noqa: N815 (LabelMe's key)
     imageHeight: Side | None = None  # noqa: N815
     imageWidth: Side | None = None  # noqa: N815
 
@@ -92,6 +93,8 @@ def _rows(f: Path, sp: str, corpus: str, images: Path) -> list[dict]:
         labels = sorted({s.label for s in rec.shapes})
         raise RecordRejected(RejectReason.NO_TARGET, f"no target shape (labels seen: {labels})")
     texts = [rec.text] if isinstance(rec.text, str) else rec.text
+    # a forced --split gathers several directories into one split: their file names could collide
+    key = f.stem if f.parent.name == sp else f"{f.parent.name}/{f.stem}"
     image = _image(f, rec, images)
     out = []
     for t, text in enumerate(texts):
@@ -101,7 +104,7 @@ def _rows(f: Path, sp: str, corpus: str, images: Path) -> list[dict]:
         )
         out.append(
             row_spec(
-                sample_id=f"{corpus}/{sp}/{f.stem}/t{t}",
+                sample_id=f"{corpus}/{sp}/{key}/t{t}",
                 corpus=corpus,
                 split=sp,
                 task="reason",
@@ -137,6 +140,8 @@ def parse_reasonseg(
     )
     dirs = dirs or [path]
     images = images or (path.parent / "images")
+    if not any(any(d.glob("*.json")) for d in dirs):
+        raise DataError(f"{path}: no ReasonSeg *.json files found (one directory per split)")
     out = Collector()
     for d in dirs:
         try:

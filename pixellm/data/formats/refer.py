@@ -28,6 +28,7 @@ from pixellm.data.formats.common import (
     Record,
     RecordRejected,
     Specs,
+    Text,
     conversation,
     duplicates,
     row_spec,
@@ -71,7 +72,7 @@ def load_refs(path: str | Path) -> list[Any]:
 
 
 class ReferSentence(Record):
-    sent: str
+    sent: Text
 
 
 class ReferRef(Record):
@@ -80,7 +81,7 @@ class ReferRef(Record):
     ref_id: Id
     ann_id: Id
     image_id: Id
-    split: str
+    split: Text
     sentences: Annotated[list[ReferSentence], Field(min_length=1)]
 
 
