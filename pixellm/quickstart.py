@@ -509,6 +509,10 @@ def _summarise(
         **{k: v for k, v in extra.items() if not str(v).endswith(".png")},
     }
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    from mlflow.tracking import MlflowClient
+
+    # the report (plots, overlays) becomes an artifact of the training run, next to its model
+    MlflowClient(tracking_uri).log_artifacts(result.mlflow_run_id, str(report_dir), "report")
     return summary
 
 
@@ -589,7 +593,15 @@ def register_arguments(p: Any, on_run: Callable[[Any], int]) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of training")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, help="default: the recipe's"
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=d.pretrain_steps,
+        help="steps of the tiny LLaVA pretraining (0 = train on the random tiny LLaVA)",
+    )
     p.add_argument("--n-overlays", type=int, default=d.n_overlays)
     p.set_defaults(func=on_run)
 
@@ -607,4 +619,5 @@ def options_from_args(args: Any) -> QuickstartOptions:
         workers=args.workers,
         max_new_tokens=args.max_new_tokens,
         n_overlays=args.n_overlays,
+        pretrain_steps=args.pretrain_steps,
     )
