@@ -66,7 +66,7 @@ class QuickstartOptions:
     micro_batch_size: int = 4
     workers: int = 1
     max_new_tokens: int | None = None  # None = the recipe's (derived: no valid answer is cut)
-    n_overlays: int = 8
+    n_overlays: int = 12  # shared out over val, test_less, test_many
     pretrain_steps: int = 150  # 0 = skip pretraining: the random tiny LLaVA of the recipe
 
 
