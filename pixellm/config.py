@@ -159,6 +159,8 @@ class DataConfig(_Strict):
     max_targets: int = Field(9, ge=1)  # a sample with more targets is rejected by preprocessing
     shuffle_seed: int = 0
     preprocess_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data preprocessing task
+    preprocess_actors: int | None = Field(None, ge=1)  # one pool per run; None = CPUs left / cpus
+    prefetch_batches: int = Field(2, ge=0)  # micro-batches each worker prefetches (iter_torch_batches)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -201,6 +203,9 @@ class TrainConfig(_Strict):
     run_name: str = "pixellm-tiny"  # resubmitting with the same name resumes
     export_dir: str | None = None  # default: <storage_path>/<run_name>/model
     log_every: int = Field(1, gt=0)
+    sample_log: bool = False  # audit log <storage_path>/<run_name>/samples/rank-<r>.jsonl
+    eval_every: int = Field(0, ge=0)  # steps between val/giou evaluations (0 = off)
+    eval_samples: int = Field(8, gt=0)  # fixed val subset (data.val_split), sharded across ranks
 
     @property
     def global_batch_size(self) -> int:
@@ -237,7 +242,23 @@ class ServeConfig(_Strict):
     # generation budget per answer; null = derived from data.max_targets and the codebook
     # (``answer_token_budget``) so that no valid answer is cut
     max_new_tokens: int | None = Field(None, gt=0)
-    bearer_token: str | None = None
+    num_cpus: float = Field(1.0, gt=0)  # Ray CPUs per replica (torch threads follow it)
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs per replica; > 0 puts the model on CUDA
+    # Auth token: $PIXELLM_SERVE_TOKEN or the first line of this file (never the config itself).
+    bearer_token_file: str | None = None
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    retry_after_s: int = Field(1, ge=1)  # Retry-After of a 503 when the replica is full
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bearer_token" in data:
+            raise ValueError(
+                "serve.bearer_token is not accepted (a token in the config or on the command line "
+                "is visible in `ps` and in the deployment config): set $PIXELLM_SERVE_TOKEN or "
+                "serve.bearer_token_file"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

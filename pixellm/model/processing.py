@@ -61,8 +61,8 @@ def logits_to_image_size(
         ``(K, h, w)`` logits.
     """
     k, s, _ = logits.shape
-    if k == 0:
-        return logits.new_zeros((0, *out_hw))
+    if k == 0:  # a reshape, not new_zeros: the empty result stays on the decoder's graph
+        return logits.reshape(0, *out_hw)
     # (K, s, s) -> (K, S, S) -> crop valid -> (K, h, w)
     x = F.interpolate(
         logits[:, None], size=(image_side, image_side), mode="bilinear", align_corners=False
