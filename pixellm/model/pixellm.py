@@ -438,10 +438,19 @@ class PixelLM(nn.Module):
         return model.to(device).eval()
 
 
-def build_pixellm(cfg: ModelConfig) -> PixelLM:
-    """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder."""
+def build_pixellm(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> PixelLM:
+    """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder.
+
+    ``dtype`` / ``device``: how the LLaVA is loaded (see ``build_llava``); the pixel decoder is
+    built in fp32 on ``device`` (DeepSpeed casts the trainable parts and keeps fp32 masters).
+    """
     processor = build_processor(cfg)
-    llava = build_llava(cfg, processor.tokenizer)
+    llava = build_llava(cfg, processor.tokenizer, dtype=dtype, device=device)
     for p in llava.parameters():
         p.requires_grad_(False)
     llm = apply_lora(llava, cfg, processor.codebook.ids)
@@ -455,6 +464,8 @@ def build_pixellm(cfg: ModelConfig) -> PixelLM:
             llm_hidden_size=base.config.text_config.hidden_size,
             vision_hidden_size=base.config.vision_config.hidden_size,
         )
+    if device is not None:
+        decoder = decoder.to(device)
     if cfg.gradient_checkpointing:
         base.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
