@@ -622,15 +622,21 @@ def build_pixellm(
     *,
     processor: PixelLMProcessor | None = None,
     llava: nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> PixelLM:
     """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder.
 
     ``processor`` and ``llava`` replace the ones the config would build (``from_pretrained``
     passes the stored tokenizer and an empty LLaVA of the stored architecture).
+    ``dtype`` / ``device``: how the LLaVA is loaded (see ``build_llava``); the pixel decoder is
+    built in fp32 on ``device`` (DeepSpeed casts the trainable parts and keeps fp32 masters).
     """
     processor = processor or build_processor(cfg)
     if llava is None:
-        llava = build_llava(cfg, processor.tokenizer, processor.codebook.ids)
+        llava = build_llava(
+            cfg, processor.tokenizer, processor.codebook.ids, dtype=dtype, device=device
+        )
     for p in llava.parameters():
         p.requires_grad_(False)
     llm = apply_lora(llava, cfg, processor.codebook.ids)
@@ -644,6 +650,8 @@ def build_pixellm(
             llm_hidden_size=base.config.text_config.hidden_size,
             vision_hidden_size=base.config.vision_config.hidden_size,
         )
+    if device is not None:
+        decoder = decoder.to(device)
     if cfg.gradient_checkpointing:
         base.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
