@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pixellm.config import ModelConfig
+from pixellm.model import compat
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
 from pixellm.model.losses import mask_losses
@@ -110,11 +111,14 @@ class PixelLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.pixel_decoder.parameters()).device
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, valid_hw: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run CLIP once and build both image streams.
 
         Args:
             pixel_values: ``(B, 3, S, S)``.
+            valid_hw: ``(B, 2)`` un-padded sizes; used when ``compat.mask_padded_patches``.
 
         Returns:
             ``(image_embeds (B, G*G, H), features)`` with ``features`` the L CLIP maps ``(B, g, g, Cv)``,
@@ -123,14 +127,19 @@ class PixelLM(nn.Module):
         vision = self.llava.model.vision_tower
         dtype = next(vision.parameters()).dtype
         with torch.no_grad():  # CLIP is frozen
-            out = vision(
-                pixel_values.to(dtype), output_hidden_states=True, interpolate_pos_encoding=True
-            )
+            if self.config.compat.mask_padded_patches and valid_hw is not None:
+                hidden_states = compat.masked_vit_hidden_states(
+                    vision, pixel_values.to(dtype), valid_hw
+                )
+            else:
+                hidden_states = vision(
+                    pixel_values.to(dtype), output_hidden_states=True, interpolate_pos_encoding=True
+                ).hidden_states
         b = pixel_values.shape[0]
         g = pixel_values.shape[-1] // vision.config.patch_size
         features = []
         for layer in self.config.feature_layers:
-            hs = out.hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
+            hs = hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
             features.append(hs.reshape(b, g, g, -1))  # (B, g, g, Cv)
         deepest = features[0].permute(0, 3, 1, 2)  # (B, Cv, g, g)
         grid = self.config.llm_image_grid
@@ -152,6 +161,26 @@ class PixelLM(nn.Module):
             )
         embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
         return embeds
+
+    def _attention_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid_hw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(attention_mask, position_ids)``: with ``compat.mask_padded_image_tokens`` the image
+        tokens on padding are hidden while positions stay contiguous (else positions are None)."""
+        if not self.config.compat.mask_padded_image_tokens:
+            return attention_mask, None
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        vision = self.llava.model.vision_tower.config
+        valid = compat.image_token_mask(
+            valid_hw.to(input_ids.device),
+            self.config.image_size,
+            vision.patch_size,
+            self.config.llm_image_grid,
+        )  # (B, G*G)
+        is_image = input_ids == self.processor.image_token_id
+        mask = attention_mask.clone()
+        mask[is_image] = valid.flatten().to(mask.dtype)
+        return mask, positions
 
     def _decode(
         self,
@@ -198,10 +227,11 @@ class PixelLM(nn.Module):
                     raise ValueError(
                         f"batch item {b}: {len(grp)} target groups in the text but {m.shape[0]} masks"
                     )
-        image_embeds, features = self.encode_images(pixel_values)
+        image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
+        mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
         lm_out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
         )
         hidden = lm_out.last_hidden_state  # (B, T, H), post final norm
         logits = self.llava.lm_head(hidden)  # (B, T, V)
@@ -209,7 +239,8 @@ class PixelLM(nn.Module):
         image_index = torch.tensor(
             [b for b, grp in enumerate(groups) for _ in grp], dtype=torch.long, device=hidden.device
         )
-        positions = [(b, pos) for b, grp in enumerate(groups) for pos in grp]
+        shift = self.config.compat.state_offset  # -1: the state that predicts the token
+        positions = [(b, [p + shift for p in pos]) for b, grp in enumerate(groups) for pos in grp]
         if positions:
             states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
         else:
@@ -324,6 +355,7 @@ class PixelLM(nn.Module):
         if not images:
             return []
         device = self.device
+        budget = self.config.compat.max_new_tokens or max_new_tokens
         encoded = [self.processor.transform_image(im) for im in images]
         sizes = [(np.asarray(im).shape[0], np.asarray(im).shape[1]) for im in images]
         pixel_values = torch.stack([e[0] for e in encoded]).to(device)
@@ -333,12 +365,30 @@ class PixelLM(nn.Module):
         attention_mask = self.processor.pad([[1] * len(p) for p in prompts], 0, left=True).to(
             device
         )
-        image_embeds, features = self.encode_images(pixel_values)
+        valid_hw = torch.tensor([e[1] for e in encoded], device=device)
+        image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
+        if self._own_generation():
+            mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
+            if positions is None:
+                positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+            sequences, step_states = compat.greedy_generate(
+                self.llava,
+                embeds,
+                mask,
+                positions,
+                max_new_tokens=budget,
+                eos_token_id=self.tokenizer.eos_token_id,
+                suppress_ids=self.tokenizer.convert_tokens_to_ids(
+                    self.config.compat.suppress_tokens
+                ),
+            )
+            answers, states = self._collect_step_states(sequences, step_states)
+            return self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
         out = self.llava.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             do_sample=False,
             use_cache=use_cache,
             output_hidden_states=True,
@@ -373,12 +423,44 @@ class PixelLM(nn.Module):
             states.append(torch.stack(rows) if rows else torch.zeros(0, len(self.codebook.ids), h))
         return answers, states
 
+    def _own_generation(self) -> bool:
+        """Whether ``compat`` needs our greedy loop instead of HF ``generate``."""
+        c = self.config.compat
+        return c.mask_padded_image_tokens or c.state_offset != 0 or bool(c.suppress_tokens)
+
+    def _collect_step_states(
+        self, sequences: torch.Tensor, step_states: list[torch.Tensor]
+    ) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Like ``_collect_states`` for ``compat.greedy_generate`` output (``step_states[j]``
+        predicted token j; ``state_offset`` 0 takes ``step_states[j + 1]``)."""
+        eos = self.tokenizer.eos_token_id
+        shift = 1 + self.config.compat.state_offset  # 0 (release) or 1
+        h = self.llava.config.text_config.hidden_size
+        answers, states = [], []
+        for b, row in enumerate(sequences.tolist()):
+            ids = row[: row.index(eos)] if eos in row else row
+            rows = []
+            for grp in self.codebook.find_groups(ids):
+                if grp[-1] + shift >= len(step_states):  # cut by the budget before its state
+                    ids = ids[: grp[0]]
+                    break
+                rows.append(torch.stack([step_states[p + shift][b] for p in grp]))
+            answers.append(ids)
+            states.append(torch.stack(rows) if rows else torch.zeros(0, len(self.codebook.ids), h))
+        return answers, states
+
     # ------------------------------------------------------------------ persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor (LoRA, codebook rows, projections, decoder), detached on CPU."""
-        return {
+        """Every trainable tensor (LoRA, codebook rows, projections, decoder), detached on CPU,
+        plus the decoder's persistent buffers (the release decoder's fixed Fourier matrices)."""
+        out = {
             n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad
         }
+        params = {n for n, _ in self.pixel_decoder.named_parameters()}
+        for n, t in self.pixel_decoder.state_dict().items():
+            if n not in params:
+                out[f"pixel_decoder.{n}"] = t.detach().cpu().contiguous()
+        return out
 
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
         """Write config, tokenizer and safetensors of what was trained (tiny: the whole model).
@@ -420,6 +502,11 @@ class PixelLM(nn.Module):
                 raise FileNotFoundError(f"{path / name} missing: not a PixelLM model directory")
         meta = json.loads((path / CONFIG_NAME).read_text())
         cfg = ModelConfig.model_validate(meta["model"])
+        if cfg.weights_path and not Path(cfg.weights_path).is_absolute():  # e.g. an import's llava/
+            if (path / cfg.weights_path).exists():
+                cfg = cfg.model_copy(
+                    update={"weights_path": str((path / cfg.weights_path).resolve())}
+                )
         model = build_pixellm(cfg)
         state = load_file(str(path / WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -433,22 +520,42 @@ class PixelLM(nn.Module):
 
 
 def build_pixellm(cfg: ModelConfig) -> PixelLM:
-    """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder."""
+    """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder.
+
+    ``cfg.base == "imported"`` builds from a ``pixellm import-authors`` directory instead (see
+    ``pixellm.model.import_authors.build_from_import``).
+    """
+    if cfg.base == "imported":
+        from pixellm.model.import_authors import build_from_import
+
+        return build_from_import(cfg)
     processor = build_processor(cfg)
     llava = build_llava(cfg, processor.tokenizer)
+    factor = cfg.compat.projector_hidden_factor
+    if factor != 1:  # the release's p_V→T is Cv -> 2H -> H; its weights come with the model
+        llava.model.multi_modal_projector = compat.WideProjector(
+            vision_hidden_size=llava.config.vision_config.hidden_size,
+            text_hidden_size=llava.config.text_config.hidden_size,
+            factor=factor,
+        )
     for p in llava.parameters():
         p.requires_grad_(False)
     llm = apply_lora(llava, cfg, processor.codebook.ids)
     base = llm.get_base_model()
+    sizes = {
+        "num_scales": cfg.num_scales,
+        "tokens_per_group": cfg.tokens_per_group,
+        "llm_hidden_size": base.config.text_config.hidden_size,
+        "vision_hidden_size": base.config.vision_config.hidden_size,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.tiny.seed + 1)
-        decoder = build_pixel_decoder(
-            cfg.decoder,
-            num_scales=cfg.num_scales,
-            tokens_per_group=cfg.tokens_per_group,
-            llm_hidden_size=base.config.text_config.hidden_size,
-            vision_hidden_size=base.config.vision_config.hidden_size,
-        )
+        if cfg.compat.decoder == "authors-release":
+            from pixellm.model.compat_decoder import build_authors_decoder
+
+            decoder = build_authors_decoder(cfg.decoder, projector_hidden_factor=factor, **sizes)
+        else:
+            decoder = build_pixel_decoder(cfg.decoder, **sizes)
     if cfg.gradient_checkpointing:
         base.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
