@@ -104,6 +104,7 @@ _AUTHORS_RELEASE: dict[str, Any] = {
     "mask_padded_image_tokens": True,
     "projector_hidden_factor": 2,
     "image_wrap_tokens": True,
+    "split_added_tokens": True,
     "codebook_tokens": "authors",
     "state_offset": -1,
     "decoder": "authors-release",
@@ -129,6 +130,9 @@ class CompatConfig(_Strict):
     mask_padded_image_tokens: bool = False  # padded LLM image tokens masked, positions contiguous
     projector_hidden_factor: int = Field(1, ge=1)  # p_V→T and p_V→D hidden width = factor x H
     image_wrap_tokens: bool = False  # <im_start> <image>… <im_end> around the image tokens
+    # the release's slow tokenizer (transformers 4.31): text split at added tokens, whitespace
+    # next to them dropped, each piece encoded on its own
+    split_added_tokens: bool = False
     codebook_tokens: Literal["ours", "authors"] = "ours"  # <seg_l_n> vs [SEG0]…[SEG{L*N-1}]
     state_offset: Literal[0, -1] = 0  # 0: state at the codebook token; -1: the state predicting it
     decoder: Literal["paper", "authors-release"] = "paper"  # pixellm/model/compat_decoder.py

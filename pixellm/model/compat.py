@@ -72,7 +72,7 @@ def masked_vit_hidden_states(
     Returns:
         ``num_layers + 1`` tensors ``(B, 1 + g*g, Cv)``, like ``output_hidden_states``.
     """
-    vm = vision.vision_model
+    vm = getattr(vision, "vision_model", vision)  # transformers 5 flattened CLIPVisionModel
     side, patch = pixel_values.shape[-1], vision.config.patch_size
     keys = patch_key_mask(valid_hw.to(pixel_values.device), side, patch).flatten(1)  # (B, g*g)
     keys = torch.cat([torch.ones_like(keys[:, :1]), keys], 1)  # (B, 1 + g*g), CLS visible

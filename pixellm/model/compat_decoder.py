@@ -183,7 +183,7 @@ class AuthorsPixelDecoder(nn.Module):
             tokens = torch.cat([fixed, h[:, level : level + 1]], 1) + self.level_embed[level]
             tokens, src = self.transformers[level](tokens, src, pe)  # (K, 6, C), (K, s*s, C)
             side = math.isqrt(src.shape[1])
-            src = src.transpose(1, 2).reshape(k, -1, side, side)  # (K, C, s, s)
+            src = src.transpose(1, 2).reshape(k, src.shape[-1], side, side)  # (K, C, s, s)
             upscaled = self.upscale(src)  # (K, C/8, 2s, 2s)
             m = torch.einsum("kc,kchw->khw", self.hyper(tokens[:, 1]), upscaled)  # (K, 2s, 2s)
             prev = m

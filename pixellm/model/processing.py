@@ -13,6 +13,7 @@ closing ``</s>``); one ``[SEG]`` in an assistant turn becomes one codebook token
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +146,23 @@ class PixelLMProcessor:
 
     # ---------------------------------------------------------------- text
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        if not self.compat.split_added_tokens:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        added = self.tokenizer.get_added_vocab()  # token -> id
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
+        pieces = re.split(pattern, text)  # odd indices are added tokens
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(added[piece])
+                continue
+            if i > 0:
+                piece = piece.lstrip()
+            if i < len(pieces) - 1:
+                piece = piece.rstrip()
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids
 
     def _user_prefix(self, first: bool) -> str:
         image = self.tokenizer.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens
@@ -182,7 +199,9 @@ class PixelLMProcessor:
                 )
             prompt = self._ids(self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:")
             num_targets += self.codebook.count_placeholders(assistant["text"])
-            answer = self._ids(" " + self.codebook.expand(assistant["text"].strip())) + [eos]
+            # a piece encoded on its own gets sentencepiece's leading "▁" = the space after ":"
+            space = "" if self.compat.split_added_tokens else " "
+            answer = self._ids(space + self.codebook.expand(assistant["text"].strip())) + [eos]
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SIZES", "authors_state_shapes", "build_authors_layout", "clip_state_shapes"]
+__all__ = [
+    "SIZES",
+    "authors_state_shapes",
+    "build_authors_layout",
+    "clip_state_shapes",
+    "golden_image",
+]
 
 SIZES = {
     "hidden": 64,
@@ -47,6 +53,12 @@ Please respond with segmentation mask. Can you segment the cat and the dog in th
 Sure, it is the red car on the left, and the person next to the tree. The sky is blue.
 There are two people, a bicycle, a bench and a small brown dog near the water.
 Where is the cup? It is on the table, next to the laptop and the phone."""
+
+
+def golden_image(seed: int, hw: tuple[int, int]):
+    """A seeded uint8 RGB test image ``(H, W, 3)`` (numpy), the same under any numpy version."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (*hw, 3), generator=gen, dtype=torch.uint8).numpy()
 
 
 def clip_state_shapes(s: dict = SIZES) -> dict[str, tuple[int, ...]]:
@@ -243,7 +255,9 @@ def _write_clip(clip: Path, seed: int, s: dict) -> None:
     from safetensors.torch import save_file
 
     clip.mkdir(parents=True, exist_ok=True)
-    save_file(_seeded(clip_state_shapes(s), seed), str(clip / "model.safetensors"))
+    save_file(
+        _seeded(clip_state_shapes(s), seed), str(clip / "model.safetensors"), {"format": "pt"}
+    )
     config = {
         "model_type": "clip_vision_model",
         "architectures": ["CLIPVisionModel"],
