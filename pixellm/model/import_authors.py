@@ -30,7 +30,14 @@ import torch.nn.functional as F
 
 from pixellm.config import DecoderConfig, ModelConfig
 
-__all__ = ["DROPPED", "ImportError_", "build_from_import", "import_authors"]
+__all__ = [
+    "DROPPED",
+    "ImportError_",
+    "authors_position_table",
+    "build_from_import",
+    "import_authors",
+    "resolve_imported",
+]
 
 LLAVA_DIR = "llava"
 IMAGE_SIDE = 448  # their resize_vision_tower_size
@@ -490,19 +497,16 @@ def import_authors(checkpoint: str | Path, clip: str | Path, out: str | Path) ->
     return out
 
 
-def build_from_import(cfg: ModelConfig):
-    """``model.base: imported``: our model from an import directory, ready to fine-tune.
+def resolve_imported(cfg: ModelConfig) -> ModelConfig:
+    """``model.base: imported`` -> the import's own model config, ready to build.
 
     The architecture (sizes, feature layers, decoder, ``compat``, system prompt) comes from the
-    import; ``lora``, ``loss``, ``max_length`` and ``gradient_checkpointing`` from ``cfg``. The
-    import's trained parts are loaded; its (zero-effect) LoRA is replaced by a fresh one.
+    import; ``lora``, ``loss``, ``max_length`` and ``gradient_checkpointing`` from ``cfg``.
 
     Raises:
         FileNotFoundError: ``cfg.weights_path`` is not an import directory.
     """
-    from safetensors.torch import load_file
-
-    from pixellm.model.pixellm import CONFIG_NAME, WEIGHTS_NAME, build_pixellm
+    from pixellm.model.pixellm import CONFIG_NAME, WEIGHTS_NAME
 
     root = Path(cfg.weights_path or "")
     if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
@@ -512,7 +516,7 @@ def build_from_import(cfg: ModelConfig):
         )
     imported = ModelConfig.model_validate(json.loads((root / CONFIG_NAME).read_text())["model"])
     base = Path(imported.weights_path or "")
-    resolved = imported.model_copy(
+    return imported.model_copy(
         update={
             "weights_path": str(base if base.is_absolute() else (root / base).resolve()),
             "lora": cfg.lora,
@@ -521,13 +525,31 @@ def build_from_import(cfg: ModelConfig):
             "gradient_checkpointing": cfg.gradient_checkpointing,
         }
     )
-    model = build_pixellm(resolved)
-    state = {k: v for k, v in load_file(str(root / WEIGHTS_NAME)).items() if ".lora_" not in k}
+
+
+def build_from_import(cfg: ModelConfig):
+    """``model.base: imported``: our model from an import directory, ready to fine-tune.
+
+    The import's trained parts are loaded; its (zero-effect) LoRA is replaced by a fresh one of
+    ``cfg.lora``. The returned model's config is the resolved one (``base: llava`` on the
+    import's ``llava/``), so its exports load without the import's PixelLM weights.
+
+    Raises:
+        FileNotFoundError: ``cfg.weights_path`` is not an import directory.
+        RuntimeError: the import's weights do not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    from pixellm.model.pixellm import WEIGHTS_NAME, build_pixellm
+
+    model = build_pixellm(resolve_imported(cfg))
+    path = Path(cfg.weights_path or "") / WEIGHTS_NAME
+    state = {k: v for k, v in load_file(str(path)).items() if ".lora_" not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
     trained = {k for k in model.trainable_state_dict() if ".lora_" not in k}
     lost = sorted(trained & set(missing))
     if lost or unexpected:
         raise RuntimeError(
-            f"{root / WEIGHTS_NAME}: missing trained tensors {lost[:5]}, unexpected {unexpected[:5]}"
+            f"{path}: missing trained tensors {lost[:5]}, unexpected {unexpected[:5]}"
         )
     return model

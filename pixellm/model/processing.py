@@ -226,6 +226,10 @@ def build_processor(
     """The processor of a recipe's model (builds the tokenizer unless one is given)."""
     from pixellm.model.tokenizer import build_tokenizer
 
+    if cfg.base == "imported":  # the import's own settings (image transform, prompt, codebook)
+        from pixellm.model.import_authors import resolve_imported
+
+        cfg = resolve_imported(cfg)
     tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     release = cfg.compat.codebook_tokens == "authors"
     codebook = SegCodebook(

@@ -24,6 +24,7 @@ from pixellm.model import PixelLM
 from pixellm.model.compat import greedy_generate
 from pixellm.model.compat_decoder import AuthorsPixelDecoder
 from pixellm.model.import_authors import ImportError_, import_authors
+from tests.model.drawing import draw_example, make_batch
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -228,3 +229,48 @@ def test_checkpoint_of_another_shape_is_a_clear_error(layout, tmp_path):
     (root / "checkpoint" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ImportError_, match=r"model\.embed_tokens\.weight: shape \(408, 64\)"):
         _run(root, tmp_path)
+
+
+# ------------------------------------------------------------------------------- fine-tuning
+def test_fine_tune_from_the_import_with_the_tiny_recipe(imported, tmp_path):
+    """``model.base: imported``: the usual recipe trains from the import and exports."""
+    from pixellm.config import load_recipe
+    from pixellm.model import build_pixellm, build_processor
+
+    recipe = load_recipe(
+        "platform/recipes/tiny.yaml",
+        [
+            "model.base=imported",
+            f"model.weights_path={imported}",
+            "model.lora.r=4",
+            "model.max_length=512",
+        ],
+    )
+    assert build_processor(recipe.model).compat.preset == "authors-release"  # data path too
+    torch.manual_seed(0)
+    model = build_pixellm(recipe.model)
+    assert model.config.base == "llava" and model.config.lora.r == 4
+    start = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    ref = PixelLM.from_pretrained(imported)
+    for k in ("pixel_decoder.level_embed", "pixel_decoder.position.gaussian"):
+        torch.testing.assert_close(start[k], ref.trainable_state_dict()[k])  # import loaded
+    batch = make_batch(model, [draw_example(0, size=96), draw_example(1, size=80)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    out_dir = model.eval().save_pretrained(tmp_path / "finetuned")
+    again = PixelLM.from_pretrained(out_dir)
+    for k, v in model.trainable_state_dict().items():
+        torch.testing.assert_close(again.trainable_state_dict()[k], v)
+    assert not torch.equal(
+        again.trainable_state_dict()["pixel_decoder.level_embed"],
+        start["pixel_decoder.level_embed"],
+    )
