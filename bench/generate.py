@@ -1,8 +1,12 @@
 """Benchmark: tokens/s of ``PixelLM.predict`` with the KV cache vs ``use_cache=False``.
 
-The authors' release generated with ``use_cache=False`` (every step recomputes the whole sequence).
-Same model, prompts and images for both; greedy decoding; the untrained model rarely stops early, so
-both generate ``--max-new-tokens`` tokens per answer (the count actually generated is what is timed).
+The authors' release generated with ``use_cache=False``: every step recomputes the whole sequence.
+``PixelLM.generate_greedy(use_cache=False)`` is that loop (a plain greedy loop over full forwards;
+transformers' ``generate`` would silently use the cache from ``inputs_embeds``), and this script
+checks it with a forward hook on the LLM: the baseline's inputs grow by one token per step, the
+cached path's are one token long after the prompt. Same model, prompts and images for both; greedy
+decoding; the untrained model rarely stops early, so both generate ``--max-new-tokens`` tokens per
+answer (the count actually generated is what is timed).
 By default the tiny recipe's LLM is widened (512 wide, 8 layers) so that the LLM's compute, not
 Python overhead, dominates a step, as it does for the real 7B/13B models; ``--set`` replaces that.
 
@@ -33,6 +37,19 @@ def _time(model, images, questions, max_new_tokens: int, use_cache: bool, repeat
     return tokens / elapsed
 
 
+def _input_lengths(model, image, question: str, use_cache: bool, steps: int = 4) -> list[int]:
+    """Sequence length of every LLM forward of one short generation."""
+    lengths: list[int] = []
+    hook = model.llava.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        model.predict([image], [question], max_new_tokens=steps, use_cache=use_cache)
+    finally:
+        hook.remove()
+    return lengths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="platform/recipes/tiny.yaml")
@@ -57,6 +74,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (128, 160, 3), dtype=np.uint8) for _ in range(args.batch)]
     questions = [f"Please segment the shapes number {i} in this image." for i in range(args.batch)]
+    cached_len = _input_lengths(model, images[0], questions[0], use_cache=True)
+    full_len = _input_lengths(model, images[0], questions[0], use_cache=False)
+    recomputes = all(b - a == 1 for a, b in zip(full_len, full_len[1:], strict=False))
+    one_token = all(n == 1 for n in cached_len[1:])
+    if not (recomputes and one_token and len(full_len) > 1):
+        raise SystemExit(f"baseline is not a full recompute: {full_len} vs cached {cached_len}")
     cached = _time(model, images, questions, args.max_new_tokens, True, args.repeats)
     uncached = _time(model, images, questions, args.max_new_tokens, False, args.repeats)
     result = {
@@ -67,9 +90,11 @@ def main() -> None:
         "batch": args.batch,
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
+        "forward_lengths": {"no_cache": full_len, "kv_cache": cached_len},
     }
     print(f"KV cache   {cached:8.1f} tokens/s")
-    print(f"no cache   {uncached:8.1f} tokens/s   (authors' setting)")
+    print(f"no cache   {uncached:8.1f} tokens/s   (authors' setting: full recompute per step)")
+    print(f"forward input lengths: no cache {full_len}, KV cache {cached_len}")
     print(f"ratio      {cached / uncached:8.2f}x")
     print(json.dumps(result))
 

@@ -119,7 +119,9 @@ def run_raw(
 
 
 def run_ray(recipe: Recipe, samples: int, batch: int) -> tuple[float, float, int]:
-    ds = build_train_dataset(recipe, "train", samples, seed=0)
+    one_pass = {"epochs": 1, "steps_per_epoch": samples, "micro_batch_size": 1, "grad_accum": 1}
+    train = recipe.train.model_copy(update={**one_pass, "checkpoint_every": 64})
+    ds = build_train_dataset(recipe.model_copy(update={"train": train}), world=1)
     return _time(
         ds.iter_torch_batches(batch_size=batch, collate_fn=collate_batch, drop_last=True), batch
     )

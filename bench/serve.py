@@ -6,6 +6,10 @@
 2. Load drill: N clients for T seconds against tight admission limits (``max_ongoing_requests`` /
    ``max_queued_requests``); every answer must be 200 or a deliberate 503 (load shedding), with
    zero other 5xx and zero transport errors.
+3. Event-loop probe: ``/healthz`` latency while four 4096 x 4096 PNGs are decoded and answered
+   (decoding runs off the event loop; goal: every probe < 100 ms).
+
+On a GPU (``--gpus 1``) the replica runs in bf16 (``serve.dtype: auto``).
 
     .venv/bin/python bench/serve.py [--clients 16 --seconds 20 --batch 16 --drill-clients 48 ...]
 
@@ -101,13 +105,80 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
     }
 
 
-def _deploy(model_dir: str, overrides: list[str], cpus: float) -> None:
+def _deploy(model_dir: str, overrides: list[str], cpus: float, gpus: float = 0.0) -> None:
     from ray import serve
 
     from pixellm.serve.app import build_app
 
-    app = build_app({"model": model_dir, "recipe": RECIPE, "set": overrides, "num_cpus": cpus})
+    app = build_app(
+        {
+            "model": model_dir,
+            "recipe": RECIPE,
+            "set": overrides,
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+        }
+    )
     serve.run(app, name="bench", route_prefix="/")
+
+
+def _big_png(seed: int, side: int = 4096) -> bytes:
+    x = np.arange(side, dtype=np.uint16)[None, :]
+    y = np.arange(side, dtype=np.uint16)[:, None]
+    px = np.empty((side, side, 3), dtype=np.uint8)
+    px[..., 0] = (x + seed) % 256
+    px[..., 1] = y % 256
+    px[..., 2] = (x * 7 + y * 3 + seed) % 256
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _probe_during_decode(base: str, n_images: int = 4) -> dict:
+    """``/healthz`` latencies while ``n_images`` 4096² images are in flight."""
+    bodies = [
+        json.dumps(
+            {
+                "image": base64.b64encode(_big_png(k)).decode(),
+                "question": "What is it?",
+                "max_new_tokens": 1,
+            }
+        )
+        for k in range(n_images)
+    ]
+    lat: list[float] = []
+    codes: list[int] = []
+
+    def send(body: str) -> None:
+        r = requests.post(
+            f"{base}/v1/segment",
+            data=body,
+            headers={"content-type": "application/json"},
+            timeout=600,
+        )
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in bodies]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        requests.get(f"{base}/healthz", timeout=60).raise_for_status()
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    lat.sort()
+    return {
+        "images": n_images,
+        "seconds": round(time.monotonic() - start, 2),
+        "codes": codes,
+        "probes": len(lat),
+        "p50_ms": _pct(lat, 0.5),
+        "max_ms": lat[-1] * 1000 if lat else None,
+        "under_100ms": sum(x < 0.1 for x in lat),
+    }
 
 
 def _warm(url: str, bodies: list[dict]) -> None:
@@ -144,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
                     "serve.max_queued_requests=-1",
                 ],
                 args.cpus,
+                args.gpus,
             )
             _warm(url, bodies)
             results[name] = _load(url, bodies, args.clients, args.seconds)
@@ -156,9 +228,14 @@ def run(args: argparse.Namespace) -> dict:
                 f"serve.max_queued_requests={args.drill_queued}",
             ],
             args.cpus,
+            args.gpus,
         )
         _warm(url, bodies)
         results["drill"] = _load(url, bodies, args.drill_clients, args.drill_seconds)
+        if args.probe:
+            _deploy(model_dir, ["serve.max_batch_size=4"], args.cpus, args.gpus)
+            _warm(url, bodies)
+            results["probe"] = _probe_during_decode(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -197,6 +274,13 @@ def print_table(r: dict) -> None:
         f"{'PASS' if d['pass'] else 'FAIL'} (200: {d['codes'].get(200, 0)}, "
         f"503 shed: {d['codes'].get(503, 0)}, other: {d['unexpected'] or 0})"
     )
+    if "probe" in r:
+        pr = r["probe"]
+        print(
+            f"/healthz while {pr['images']} x 4096² images decode: {pr['probes']} probes, "
+            f"p50 {_fmt(pr['p50_ms'], '.0f')} ms, max {_fmt(pr['max_ms'], '.0f')} ms, "
+            f"{pr['under_100ms']}/{pr['probes']} under 100 ms (answers {pr['codes']})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--side", type=int, default=96, help="image side in pixels")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs of the replica")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs of the replica (bf16 when > 0)")
+    p.add_argument(
+        "--no-probe", dest="probe", action="store_false", help="skip the /healthz probe phase"
+    )
     p.add_argument("--drill-clients", type=int, default=48)
     p.add_argument("--drill-seconds", type=float, default=20.0)
     p.add_argument("--drill-ongoing", type=int, default=16)

@@ -31,9 +31,11 @@ __all__ = [
     "ServeConfig",
     "TinyBackboneConfig",
     "TrainConfig",
+    "answer_token_budget",
     "apply_overrides",
     "load_recipe",
     "recipe_hash",
+    "target_tokens",
 ]
 
 
@@ -95,6 +97,7 @@ class LossConfig(_Strict):
     lambda_ref: float = Field(2.0, ge=0.0)
     lambda_dice: float = Field(0.5, ge=0.0)
     alpha: float = Field(2.0, ge=1.0)  # weight of pixels where >=2 predicted masks are positive
+    lambda_score: float = Field(1.0, ge=0.0)  # MSE of the predicted mask IoU (score head)
 
 
 _AUTHORS_RELEASE: dict[str, Any] = {
@@ -211,6 +214,10 @@ class DataConfig(_Strict):
     max_targets: int = Field(9, ge=1)  # a sample with more targets is rejected by preprocessing
     shuffle_seed: int = 0
     preprocess_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data preprocessing task
+    preprocess_actors: int | None = Field(None, ge=1)  # one pool per run; None = CPUs left / cpus
+    prefetch_batches: int = Field(
+        2, ge=0
+    )  # micro-batches each worker prefetches (iter_torch_batches)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -230,6 +237,11 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(2, gt=0)  # per worker
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(3e-4, gt=0)
+    # per-group peak rates (pixellm.train.optim); null = train.lr
+    lr_decoder: float | None = Field(None, gt=0)  # pixel decoder, its projections, p_V→T
+    lr_lora: float | None = Field(None, gt=0)
+    lr_codebook: float | None = Field(None, gt=0)  # codebook rows of embeddings and lm_head
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # schedule floor = ratio × each group's peak
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(5, ge=0)
@@ -248,6 +260,9 @@ class TrainConfig(_Strict):
     run_name: str = "pixellm-tiny"  # resubmitting with the same name resumes
     export_dir: str | None = None  # default: <storage_path>/<run_name>/model
     log_every: int = Field(1, gt=0)
+    sample_log: bool = False  # audit log <storage_path>/<run_name>/samples/rank-<r>.jsonl
+    eval_every: int = Field(0, ge=0)  # steps between val/giou evaluations (0 = off)
+    eval_samples: int = Field(8, gt=0)  # fixed val subset (data.val_split), sharded across ranks
 
     @property
     def global_batch_size(self) -> int:
@@ -281,8 +296,26 @@ class ServeConfig(_Strict):
     max_replicas: int = Field(1, gt=0)
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     max_question_chars: int = Field(2000, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
-    bearer_token: str | None = None
+    # generation budget per answer; null = derived from data.max_targets and the codebook
+    # (``answer_token_budget``) so that no valid answer is cut
+    max_new_tokens: int | None = Field(None, gt=0)
+    num_cpus: float = Field(1.0, gt=0)  # Ray CPUs per replica (torch threads follow it)
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs per replica; > 0 puts the model on CUDA
+    # Auth token: $PIXELLM_SERVE_TOKEN or the first line of this file (never the config itself).
+    bearer_token_file: str | None = None
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    retry_after_s: int = Field(1, ge=1)  # Retry-After of a 503 when the replica is full
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bearer_token" in data:
+            raise ValueError(
+                "serve.bearer_token is not accepted (a token in the config or on the command line "
+                "is visible in `ps` and in the deployment config): set $PIXELLM_SERVE_TOKEN or "
+                "serve.bearer_token_file"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -305,11 +338,52 @@ class Recipe(_Strict):
     mlflow: MlflowConfig = MlflowConfig()
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_max_new_tokens(cls, data: Any) -> Any:
+        """``serve.max_new_tokens: null`` (or absent) → ``answer_token_budget`` of the recipe."""
+        if not isinstance(data, dict):
+            return data
+        serve = data.get("serve") or {}
+        if not isinstance(serve, dict) or serve.get("max_new_tokens") is not None:
+            return data
+        try:  # invalid sections are reported by the main validation, not here
+            model = ModelConfig.model_validate(data.get("model") or {})
+            max_targets = DataConfig.model_validate(data.get("data") or {}).max_targets
+        except (ValidationError, TypeError):
+            return data
+        budget = answer_token_budget(model, max_targets)
+        return {**data, "serve": {**serve, "max_new_tokens": budget}}
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if self.train.use_gpu and self.train.gpus_per_worker <= 0:
             raise ValueError("train.gpus_per_worker must be > 0 when train.use_gpu is true")
+        one_target = target_tokens(self.model) + 1  # one codebook run + EOS
+        if self.serve.max_new_tokens is not None and self.serve.max_new_tokens < one_target:
+            raise ValueError(
+                f"serve.max_new_tokens={self.serve.max_new_tokens} cannot hold one target: a target "
+                f"is {target_tokens(self.model)} codebook tokens (L={self.model.num_scales} x "
+                f"N={self.model.tokens_per_group}) + EOS = {one_target}; set at least {one_target} "
+                f"or null (derived: {answer_token_budget(self.model, self.data.max_targets)})"
+            )
         return self
+
+
+TEXT_TOKENS_PER_TARGET = 10  # "the large magenta hexagon" + separator, tokens (tiny BPE ≈ 6)
+TEXT_TOKENS_FIXED = 8  # closing period, EOS and slack
+
+
+def target_tokens(model: ModelConfig) -> int:
+    """Codebook tokens of one target, L × N."""
+    return model.num_scales * model.tokens_per_group
+
+
+def answer_token_budget(model: ModelConfig, max_targets: int) -> int:
+    """Generation budget that holds an answer with ``max_targets`` targets (the derived default
+    of ``serve.max_new_tokens``): ``max_targets × (L·N + 10) + 8`` tokens."""
+    per_target = target_tokens(model) + TEXT_TOKENS_PER_TARGET
+    return max_targets * per_target + TEXT_TOKENS_FIXED
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

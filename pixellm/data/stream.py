@@ -25,11 +25,12 @@ four small values per sample, and blocks stream through the object store.
 from __future__ import annotations
 
 import io
-import json
 import logging
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pixellm.config import DataConfig, ModelConfig, Recipe
+from pixellm.config import DataConfig, ModelConfig, Recipe, TrainConfig
 from pixellm.data.collate import collate_batch
 from pixellm.data.formats import DataError
 from pixellm.data.schema import rle_to_mask
@@ -47,23 +48,57 @@ from pixellm.model.codebook import PLACEHOLDER
 
 __all__ = [
     "CHUNK_ROWS",
-    "PlanChunkPreprocess",
+    "Plan",
+    "PlanBlockPreprocess",
     "PreprocessBatch",
+    "StreamLayout",
     "build_train_dataset",
+    "create_start_board",
     "fetch_rows",
     "iter_local_batches",
     "make_plan",
     "mixture_counts",
+    "set_stream_start",
+    "train_plan",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 64  # plan rows per Ray Data block
 _COLUMNS = ["sample_id", "corpus", "image", "height", "width", "conversation", "targets"]
-PlanEntry = tuple[str, str, int, int]  # (corpus, shard path/URI, row group, row in group)
 
 
 # ---------------------------------------------------------------- plan
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A sample plan: shard rows named by index into a small shard table.
+
+    Attributes:
+        shards: ``(corpus, shard path/URI)`` per shard index.
+        rows: ``(N, 3)`` int64: shard index, row group, row in group — one line per sample.
+    """
+
+    shards: tuple[tuple[str, str], ...]
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> Plan:
+        return Plan(self.shards, self.rows[index])
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Plan)
+            and self.shards == other.shards
+            and np.array_equal(self.rows, other.rows)
+        )
+
+    def corpora(self) -> list[str]:
+        """Corpus of every sample, in plan order."""
+        return [self.shards[int(i)][0] for i in self.rows[:, 0]]
+
+
 def mixture_counts(mixture: dict[str, float], num_samples: int) -> dict[str, int]:
     """Rows per corpus: ``num_samples`` split by ratio (largest remainder; ratio 0 → absent)."""
     live = {k: v for k, v in sorted(mixture.items()) if v > 0}
@@ -98,32 +133,56 @@ def _corpus_units(shards_root: str, corpus: str, split: str) -> list[tuple[str, 
     ]
 
 
-def _corpus_order(units: list[tuple[str, int, int]], count: int, rng: np.random.Generator) -> list:
-    out: list[tuple[str, int, int]] = []
-    while len(out) < count:  # one pass = every row once; repeat when the corpus is small
+def _corpus_order(units: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` rows ``(shard index, group, row)`` from ``units`` ``(U, 3)`` = (shard, group, n)."""
+    out: list[np.ndarray] = []
+    got = 0
+    while got < count:  # one pass = every row once; repeat when the corpus is small
         for u in rng.permutation(len(units)):
-            path, group, n = units[int(u)]
-            out += [(path, group, int(r)) for r in rng.permutation(n)]
-            if len(out) >= count:
+            shard, group, n = (int(v) for v in units[int(u)])
+            rows = rng.permutation(n)
+            out.append(np.stack([np.full(n, shard), np.full(n, group), rows], axis=1))
+            got += n
+            if got >= count:
                 break
-    return out[:count]
+    return np.concatenate(out)[:count].astype(np.int64) if out else np.zeros((0, 3), np.int64)
 
 
-def make_plan(data: DataConfig, split: str, num_samples: int, seed: int) -> list[PlanEntry]:
+def make_plan(data: DataConfig, split: str, num_samples: int, seed: int, ranks: int = 1) -> Plan:
     """The mixed, shuffled sample plan (see the module docstring).
+
+    Args:
+        data: ``mixture`` and ``shards_root``.
+        split: shard split to read.
+        num_samples: samples per rank.
+        seed: sampling seed (with ``data.shuffle_seed``).
+        ranks: number of rank sequences; rank r's samples are
+            ``plan[r * num_samples : (r + 1) * num_samples]``, each sequence mixed in ratio on its own
+            (exact counts per corpus, stratified order), and no row appears twice within a pass over
+            a corpus, across ranks included.
 
     Raises:
         DataError: a corpus with ratio > 0 has no shards for ``split``.
     """
     rng = np.random.default_rng([seed, data.shuffle_seed])
-    entries: list[PlanEntry] = []
-    keys: list[np.ndarray] = []
+    shards: list[tuple[str, str]] = []
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(ranks)]
     for corpus, n in mixture_counts(data.mixture, num_samples).items():
-        order = _corpus_order(_corpus_units(data.shards_root, corpus, split), n, rng)
-        entries += [(corpus, p, g, r) for p, g, r in order]
-        keys.append((np.arange(n) + rng.random(n)) / max(n, 1))
-    idx = np.argsort(np.concatenate(keys) if keys else np.zeros(0), kind="stable")
-    return [entries[int(i)] for i in idx]
+        units = _corpus_units(data.shards_root, corpus, split)
+        table = {p: i for i, p in enumerate(dict.fromkeys(p for p, _, _ in units))}
+        base = len(shards)
+        shards += [(corpus, p) for p in table]
+        arr = np.asarray([(base + table[p], g, k) for p, g, k in units], dtype=np.int64)
+        order = _corpus_order(arr, n * ranks, rng)
+        for r in range(ranks):
+            keys = (np.arange(n) + rng.random(n)) / max(n, 1)
+            parts[r].append((order[r * n : (r + 1) * n], keys))
+    seqs = []
+    for rank_parts in parts:
+        rows = np.concatenate([p for p, _ in rank_parts]) if rank_parts else np.zeros((0, 3))
+        keys = np.concatenate([k for _, k in rank_parts]) if rank_parts else np.zeros(0)
+        seqs.append(rows[np.argsort(keys, kind="stable")])
+    return Plan(tuple(shards), np.concatenate(seqs).astype(np.int64).reshape(-1, 3))
 
 
 # ---------------------------------------------------------------- fetch
@@ -145,9 +204,9 @@ def _row_group(path: str, group: int) -> pa.Table:
     return table
 
 
-def fetch_rows(entries: list[PlanEntry]) -> pa.Table:
-    """Read the shard rows a plan chunk names, in plan order (reads each row group once)."""
-    parts = [_row_group(p, g).slice(r, 1) for _, p, g, r in entries]
+def fetch_rows(plan: Plan) -> pa.Table:
+    """Read the shard rows a plan (or a slice of one) names, in plan order."""
+    parts = [_row_group(plan.shards[int(s)][1], int(g)).slice(int(r), 1) for s, g, r in plan.rows]
     if not parts:
         return pa.table({})
     return pa.concat_tables(parts)
@@ -281,25 +340,6 @@ class PreprocessBatch:
             return [r for r in (self._row(row) for row in rows) if r is not None]
 
 
-class PlanChunkPreprocess:
-    """``map_batches`` UDF over plan chunks: fetch the named shard rows, then ``PreprocessBatch``.
-
-    Args:
-        model: the recipe's model section.
-        data: the recipe's data section.
-    """
-
-    def __init__(self, model: ModelConfig, data: DataConfig):
-        self.preprocess = PreprocessBatch(model, data)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        rows: list[dict[str, Any]] = []
-        for chunk in batch["chunk"].to_pylist():
-            rows += fetch_rows([tuple(e) for e in json.loads(chunk)]).to_pylist()
-        out = self.preprocess.process_rows(rows)
-        return rows_to_columns(out, self.preprocess.model.image_size)
-
-
 def rows_to_columns(rows: list[dict[str, Any]], image_size: int) -> dict[str, np.ndarray]:
     """Preprocessed rows → the column dict ``map_batches`` emits (ragged columns as object arrays)."""
 
@@ -326,52 +366,239 @@ def rows_to_columns(rows: list[dict[str, Any]], image_size: int) -> dict[str, np
     }
 
 
-# ---------------------------------------------------------------- datasets
+# ---------------------------------------------------------------- the training stream
+@dataclass(frozen=True)
+class StreamLayout:
+    """How the run's plan maps onto Ray Data blocks, ranks and optimizer steps.
+
+    One block = ``steps_per_block`` steps of one rank (``rows_per_block`` rows). Global block ``g``
+    (over all epochs) belongs to rank ``g % world``; ``streaming_split(world, equal=True)`` deals
+    equal-sized blocks round-robin in order (it always serves the rank with the fewest rows, lowest
+    index first, and ``preserve_order`` keeps the block order), so rank r receives exactly blocks
+    r, r + world, … — and a run that has done ``s`` steps resumes at block ``start_block(s)``.
+
+    Attributes:
+        world: workers.
+        micro: ``train.micro_batch_size``.
+        grad_accum: ``train.grad_accum``.
+        steps_per_epoch: ``train.steps_per_epoch``.
+        epochs: ``train.epochs`` (passes over the same plan).
+        steps_per_block: a divisor of gcd(``checkpoint_every``, ``steps_per_epoch``) so that
+            checkpoints fall on block boundaries.
+    """
+
+    world: int
+    micro: int
+    grad_accum: int
+    steps_per_epoch: int
+    epochs: int
+    steps_per_block: int
+
+    @classmethod
+    def for_train(cls, train: TrainConfig, world: int) -> StreamLayout:
+        """The layout of a recipe's ``train`` section (``CHUNK_ROWS`` caps the block size)."""
+        step_rows = train.micro_batch_size * train.grad_accum
+        g = math.gcd(train.checkpoint_every, train.steps_per_epoch)
+        k = max([d for d in range(1, g + 1) if g % d == 0 and d * step_rows <= CHUNK_ROWS] or [1])
+        return cls(
+            world,
+            train.micro_batch_size,
+            train.grad_accum,
+            train.steps_per_epoch,
+            train.epochs,
+            k,
+        )
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one rank consumes per optimizer step."""
+        return self.micro * self.grad_accum
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.rows_per_step * self.steps_per_block
+
+    @property
+    def rank_rows_per_epoch(self) -> int:
+        """Plan rows per rank and epoch."""
+        return self.steps_per_epoch * self.rows_per_step
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the whole run (all epochs, all ranks)."""
+        return self.epochs * self.steps_per_epoch // self.steps_per_block * self.world
+
+    def start_block(self, steps_done: int) -> int:
+        """First block to produce when every rank has done ``steps_done`` optimizer steps."""
+        return steps_done // self.steps_per_block * self.world
+
+    def block(self, g: int) -> tuple[int, int, int]:
+        """Block ``g`` → ``(rank, first row in that rank's epoch plan, first global step, 1-based)``."""
+        rank, b = g % self.world, g // self.world  # b: the rank's b-th block of the run
+        blocks_per_epoch = self.steps_per_epoch // self.steps_per_block
+        epoch, in_epoch = divmod(b, blocks_per_epoch)
+        first_step = epoch * self.steps_per_epoch + in_epoch * self.steps_per_block + 1
+        return rank, in_epoch * self.rows_per_block, first_step
+
+
+def train_plan(recipe: Recipe, world: int) -> Plan:
+    """The run's epoch plan: ``world`` rank sequences of ``steps_per_epoch`` steps of rows each."""
+    t = recipe.train
+    rows = t.steps_per_epoch * t.micro_batch_size * t.grad_accum
+    return make_plan(recipe.data, recipe.data.train_split, rows, t.seed, ranks=world)
+
+
+class _StartBoard:
+    """Ray actor holding the block a new execution of the training stream starts at."""
+
+    def __init__(self) -> None:
+        self.block = 0
+
+    def set(self, block: int) -> None:
+        self.block = int(block)
+
+    def get(self) -> int:
+        return self.block
+
+
+def create_start_board(name: str) -> Any:
+    """Create (or find) the named start-position actor of a run (lives with the driver's job)."""
+    import ray
+
+    return (
+        ray.remote(_StartBoard)
+        .options(name=name, num_cpus=0, get_if_exists=True, max_restarts=-1)
+        .remote()
+    )
+
+
+def set_stream_start(name: str, block: int) -> None:
+    """Tell the next execution of the stream to start at ``block`` (call before iterating)."""
+    import ray
+
+    ray.get(ray.get_actor(name).set.remote(block))
+
+
+class PlanBlockPreprocess:
+    """``map_batches`` UDF over block ids: fetch a block's shard rows, then ``PreprocessBatch``.
+
+    Blocks before the start position (``start_board``, set by rank 0 after restoring a checkpoint)
+    produce nothing: they are neither read nor preprocessed. Every other block yields exactly
+    ``layout.rows_per_block`` rows; a row that preprocessing drops is replaced by repeating the
+    block's usable rows (logged), so the ranks' step counts stay equal.
+
+    Args:
+        model: the recipe's model section.
+        data: the recipe's data section.
+        plan: ``train_plan`` output.
+        layout: the run's ``StreamLayout``.
+        start_board: name of the ``create_start_board`` actor (None = start at block 0).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        data: DataConfig,
+        plan: Plan,
+        layout: StreamLayout,
+        start_board: str | None,
+    ):
+        import ray
+
+        self.preprocess = PreprocessBatch(model, data)
+        self.plan, self.layout = plan, layout
+        self.start = ray.get(ray.get_actor(start_board).get.remote()) if start_board else 0
+
+    def _block(self, g: int) -> dict[str, np.ndarray]:
+        lay = self.layout
+        rank, first, step = lay.block(g)
+        base = rank * lay.rank_rows_per_epoch + first
+        part = self.plan[base : base + lay.rows_per_block]
+        rows = self.preprocess.process_rows(fetch_rows(part).to_pylist())
+        if not rows:
+            raise DataError(
+                f"every sample of plan block {g} (rank {rank}, step {step}) was dropped by "
+                f"preprocessing: {dict(self.preprocess.dropped)}"
+            )
+        if len(rows) < lay.rows_per_block:
+            logger.warning(
+                "plan block %d: %d of %d rows dropped; repeating usable rows to keep steps equal",
+                g,
+                lay.rows_per_block - len(rows),
+                lay.rows_per_block,
+            )
+            rows = [rows[i % len(rows)] for i in range(lay.rows_per_block)]
+        cols = rows_to_columns(rows, self.preprocess.model.image_size)
+        cols["step"] = step + np.arange(lay.rows_per_block, dtype=np.int64) // lay.rows_per_step
+        return cols
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blocks = [self._block(int(g)) for g in batch["id"] if int(g) >= self.start]
+        if not blocks:
+            empty = rows_to_columns([], self.preprocess.model.image_size)
+            return {**empty, "step": np.zeros(0, np.int64)}
+        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def preprocess_pool_size(recipe: Recipe) -> int:
+    """Actors of the run's one preprocessing pool (``data.preprocess_actors`` or the free CPUs)."""
+    import ray
+
+    if recipe.data.preprocess_actors is not None:
+        return recipe.data.preprocess_actors
+    t = recipe.train
+    free = ray.cluster_resources().get("CPU", 1) - t.num_workers * t.cpus_per_worker
+    return max(1, int(free / recipe.data.preprocess_cpus))
+
+
+def build_train_dataset(recipe: Recipe, world: int, start_board: str | None = None) -> Any:
+    """The run's one training Dataset: every block of every epoch, split by Ray Train.
+
+    Args:
+        recipe: the recipe (``data``, ``model`` for preprocessing, ``train`` for the layout).
+        world: workers the stream is split across (``streaming_split(world, equal=True)``).
+        start_board: ``create_start_board`` actor name (resume offset), None = from block 0.
+
+    Returns:
+        ``ray.data.Dataset`` of ``PreprocessBatch`` columns plus ``step`` (the global optimizer
+        step a row belongs to), ``StreamLayout.num_blocks`` blocks of ``rows_per_block`` rows,
+        in plan order when executed with ``preserve_order`` (``pixellm.train.driver`` sets it
+        through ``DataConfig(execution_options=…)``, where Ray Train applies it).
+
+    Raises:
+        DataError: a corpus with ratio > 0 has no shards for the train split.
+    """
+    import ray
+
+    layout = StreamLayout.for_train(recipe.train, world)
+    plan = train_plan(recipe, world)
+    ds = ray.data.range(layout.num_blocks, override_num_blocks=layout.num_blocks)
+    # One block id per call: fetch + preprocess in the same actor, one output block per call.
+    return ds.map_batches(
+        PlanBlockPreprocess,
+        fn_constructor_kwargs={
+            "model": recipe.model,
+            "data": recipe.data,
+            "plan": plan,
+            "layout": layout,
+            "start_board": start_board,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=preprocess_pool_size(recipe)),
+        num_cpus=recipe.data.preprocess_cpus,
+    )
+
+
 def _plan_length(num_samples: int) -> int:
     """Plan rows: a margin over ``num_samples`` so rows dropped by preprocessing are replaced."""
     return num_samples + max(CHUNK_ROWS, num_samples // 10)
 
 
-def build_train_dataset(recipe: Recipe, split: str, num_samples: int, seed: int) -> Any:
-    """A Ray Dataset of exactly ``num_samples`` preprocessed, mixed, shuffled rows.
-
-    Args:
-        recipe: the recipe (``data.mixture``, ``data.shards_root``, model for preprocessing).
-        split: shard split to read (e.g. ``recipe.data.train_split``).
-        num_samples: rows of one epoch (e.g. steps × micro batch × accumulation × workers).
-        seed: shuffle/sampling seed (vary it per epoch).
-
-    Returns:
-        ``ray.data.Dataset`` with ``PreprocessBatch``'s columns. If preprocessing drops more rows
-        than the plan margin (10%, at least ``CHUNK_ROWS``), it holds fewer rows; the drops are logged.
-
-    Raises:
-        DataError: a corpus with ratio > 0 has no shards for ``split``.
-    """
-    import ray
-
-    plan = make_plan(recipe.data, split, _plan_length(num_samples), seed)
-    chunks = [json.dumps(plan[i : i + CHUNK_ROWS]) for i in range(0, len(plan), CHUNK_ROWS)]
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items([{"chunk": c} for c in chunks], override_num_blocks=len(chunks))
-    # One plan chunk per call: fetch + preprocess in the same actor, one mixed output block each.
-    ds = ds.map_batches(
-        PlanChunkPreprocess,
-        fn_constructor_kwargs={"model": recipe.model, "data": recipe.data},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-        num_cpus=recipe.data.preprocess_cpus,
-    )
-    ds = ds.limit(num_samples)
-    ds.context.execution_options.preserve_order = True  # the same seed gives the same rows in order
-    return ds
-
-
 def iter_local_batches(
     recipe: Recipe, split: str, batch_size: int, num_samples: int, seed: int
 ) -> Iterator[dict[str, Any]]:
-    """The same plan and preprocessing without Ray: collated batches of ``batch_size``.
+    """The same kind of plan and preprocessing without Ray: collated batches of ``batch_size``.
 
     Yields ``num_samples // batch_size`` batches (``collate_batch`` output) unless preprocessing drops
     more rows than the plan margin.

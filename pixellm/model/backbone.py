@@ -22,7 +22,9 @@ from transformers import (
 from pixellm.config import ModelConfig
 from pixellm.model.tokenizer import IMAGE_TOKEN
 
-__all__ = ["apply_lora", "build_llava", "tiny_llava_config"]
+__all__ = ["EMBED_MULTIPLE", "apply_lora", "build_llava", "fit_embeddings", "tiny_llava_config"]
+
+EMBED_MULTIPLE = 64  # embedding rows are padded to a multiple of this (tensor-core friendly)
 
 
 def tiny_llava_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
@@ -70,9 +72,12 @@ def tiny_llava_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
 
 
 def build_llava(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int] | None = None
 ) -> LlavaForConditionalGeneration:
     """Build (tiny) or load (local directory) the LLaVA and size its vocabulary to ``tokenizer``.
+
+    ``new_token_ids`` (the codebook ids) get the mean-embedding initialisation of
+    ``fit_embeddings`` on a loaded checkpoint (the tiny model is random anyway).
 
     Raises:
         FileNotFoundError: ``cfg.weights_path`` is not a local HF llava directory.
@@ -90,11 +95,35 @@ def build_llava(
     llava = LlavaForConditionalGeneration.from_pretrained(
         path, local_files_only=True, torch_dtype=torch.float32
     )
-    if llava.get_input_embeddings().num_embeddings != len(tokenizer):
-        # New rows (codebook tokens) start at the mean embedding of the existing vocabulary.
-        llava.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    fit_embeddings(llava, len(tokenizer), new_token_ids or [])
     llava.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     return llava
+
+
+def fit_embeddings(llava: LlavaForConditionalGeneration, n_tokens: int, new_ids: list[int]) -> int:
+    """Size the embedding and output layer for ``n_tokens`` and initialise the ``new_ids`` rows.
+
+    Never shrinks: the row count becomes the next multiple of ``EMBED_MULTIPLE`` at or above
+    ``max(rows, n_tokens)`` (llava-1.5's 32,064 stays; its 32,008 tokens fit in it). The rows of
+    ``new_ids`` (the codebook tokens, which otherwise inherit the checkpoint's padding rows) are set
+    to the mean of the other real token rows ``[0, n_tokens)``, in the input embedding and in
+    ``lm_head``. Rows ``>= n_tokens`` are padding and never generated (``PixelLM`` masks them).
+
+    Returns:
+        The row count.
+    """
+    rows = llava.get_input_embeddings().num_embeddings
+    target = -(-max(rows, n_tokens) // EMBED_MULTIPLE) * EMBED_MULTIPLE
+    if target != rows:
+        llava.resize_token_embeddings(target, mean_resizing=False)
+    new = sorted(set(new_ids))
+    keep = torch.ones(n_tokens, dtype=torch.bool)
+    keep[new] = False
+    with torch.no_grad():
+        for weight in (llava.get_input_embeddings().weight, llava.get_output_embeddings().weight):
+            mean = weight[:n_tokens][keep].float().mean(0)
+            weight[new] = mean.to(weight.dtype)
+    return target
 
 
 def apply_lora(

@@ -6,20 +6,15 @@ H LLM width, Cv CLIP width.
 - ``WideProjector``: p_V→T with hidden width ``factor x H`` (the release: 2H; HF llava: H).
 - ``patch_key_mask`` / ``masked_vit_hidden_states``: padded CLIP patches masked as attention keys.
 - ``image_token_mask``: which of the G x G LLM image tokens lie on padding.
-- ``greedy_generate``: greedy decoding with explicit contiguous positions (the attention mask may
-  hide padded image tokens, so positions cannot be derived from it), suppressed tokens, and the
-  last-layer state of every step.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 __all__ = [
     "WideProjector",
-    "greedy_generate",
     "image_token_mask",
     "masked_vit_hidden_states",
     "patch_key_mask",
@@ -84,58 +79,3 @@ def masked_vit_hidden_states(
         h = layer(h, additive)
         states.append(h)
     return tuple(states)
-
-
-@torch.no_grad()
-def greedy_generate(
-    llava: nn.Module,
-    embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    eos_token_id: int,
-    suppress_ids: list[int],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy decoding with a KV cache and explicit positions.
-
-    Args:
-        llava: ``LlavaForConditionalGeneration`` (its language model and ``lm_head`` are used).
-        embeds: ``(B, T, H)`` prompt embeddings; attention_mask: ``(B, T)`` (0 = hidden key);
-        position_ids: ``(B, T)``.
-        max_new_tokens: budget; eos_token_id: stops a row; suppress_ids: never generated.
-
-    Returns:
-        ``(sequences (B, n), states)`` with ``states[j]`` ``(B, H)`` the last-layer state that
-        predicted token j (``len(states) == n``).
-    """
-    lm = llava.model.language_model
-    cache = DynamicCache()
-    b = embeds.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
-    tokens, states = [], []
-    mask, pos, inputs = attention_mask, position_ids, embeds
-    for _ in range(max_new_tokens):
-        out = lm(
-            inputs_embeds=inputs,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        state = out.last_hidden_state[:, -1]  # (B, H), post final norm
-        logits = llava.lm_head(state).float()  # (B, V)
-        if suppress_ids:
-            logits[:, suppress_ids] = float("-inf")
-        nxt = torch.where(
-            done, torch.full_like(done, eos_token_id, dtype=torch.long), logits.argmax(-1)
-        )
-        tokens.append(nxt)
-        states.append(state)
-        done = done | (nxt == eos_token_id)
-        if bool(done.all()):
-            break
-        inputs = llava.get_input_embeddings()(nxt[:, None])  # (B, 1, H)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos = pos[:, -1:] + 1
-    return torch.stack(tokens, 1), states

@@ -4,11 +4,12 @@
 (sharded ``.bin`` through ``torch.load(weights_only=True)``, or safetensors) and a local CLIP
 ViT-L/14-336, checks everything before writing anything, then writes:
 
-    OUT/llava/          an HF llava directory: their LLaMA (+1 ``<image>`` row) + the CLIP tower
-                        (position table rebuilt at 448 px the way their code does) + tokenizer
-    OUT/pixellm_config.json, model.safetensors, tokenizer/
-                        written by ``PixelLM.save_pretrained`` of our model built with
-                        ``model.compat.preset: authors-release`` and their decoder weights
+    1. a staging HF llava directory (removed at the end): their LLaMA (+1 ``<image>`` row), the
+       CLIP tower (position table rebuilt at 448 px the way their code does), the tokenizer;
+    2. our ``PixelLM`` built from it with ``model.compat.preset: authors-release``, their
+       projector and decoder weights loaded, written by ``PixelLM.save_pretrained``: a
+       self-contained model directory (``pixellm_config.json``, ``model.safetensors``,
+       ``tokenizer/``) like every export of ours.
 
 Every checkpoint key is mapped (``_map_key``) or on ``DROPPED`` (unused by their inference);
 anything else is an error naming the key. ``model.base: imported`` with ``weights_path: OUT``
@@ -39,7 +40,6 @@ __all__ = [
     "resolve_imported",
 ]
 
-LLAVA_DIR = "llava"
 IMAGE_SIDE = 448  # their resize_vision_tower_size
 FEATURE_LAYERS = [-2, -11]  # mm_vision_select_layer and their hard-coded second level
 LLAVA_V1_SYSTEM = (
@@ -330,7 +330,7 @@ def _plan(checkpoint: Path, clip: Path) -> _Plan:
     ]
     model_cfg = ModelConfig(
         base="llava",
-        weights_path=LLAVA_DIR,
+        weights_path=str(checkpoint),  # provenance only: the export is self-contained
         image_size=IMAGE_SIDE,
         feature_layers=FEATURE_LAYERS,
         llm_image_grid=16,
@@ -479,22 +479,42 @@ def import_authors(checkpoint: str | Path, clip: str | Path, out: str | Path) ->
             the config or the CLIP, a wrong tokenizer (all checked before anything is written).
         FileExistsError: ``out`` exists and is not empty.
     """
+    import shutil
+    import tempfile
+
     from pixellm.model.pixellm import PixelLM, build_pixellm
 
     checkpoint, clip, out = Path(checkpoint), Path(clip), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty")
     plan = _plan(checkpoint, clip)
-    _write_llava(plan, out / LLAVA_DIR)
-    rel_cfg = plan.model_cfg
-    abs_cfg = rel_cfg.model_copy(update={"weights_path": str((out / LLAVA_DIR).resolve())})
-    model: PixelLM = build_pixellm(abs_cfg)
-    projector, decoder = _pixellm_parts(plan)
-    model.llava.model.multi_modal_projector.load_state_dict(projector, strict=True)
-    model.pixel_decoder.load_state_dict(decoder, strict=True)
-    model.config = rel_cfg  # weights_path relative to the model directory (it may be moved)
-    model.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-llava-", dir=out.parent))
+    try:
+        _write_llava(plan, staging)
+        cfg = plan.model_cfg.model_copy(update={"weights_path": str(staging)})
+        model: PixelLM = build_pixellm(cfg)
+        projector, decoder = _pixellm_parts(plan)
+        model.llava.model.multi_modal_projector.load_state_dict(projector, strict=True)
+        model.pixel_decoder.load_state_dict(decoder, strict=True)
+        # weights_path is provenance only in a self-contained export
+        model.config = plan.model_cfg.model_copy(update={"weights_path": str(checkpoint)})
+        model.save_pretrained(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _import_dir(cfg: ModelConfig) -> tuple[Path, dict]:
+    from pixellm.model.pixellm import CONFIG_NAME, WEIGHTS_NAME
+
+    root = Path(cfg.weights_path or "")
+    if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"model.weights_path={cfg.weights_path!r} is not a `pixellm import-authors` directory "
+            f"({CONFIG_NAME} or {WEIGHTS_NAME} missing)"
+        )
+    return root, json.loads((root / CONFIG_NAME).read_text())
 
 
 def resolve_imported(cfg: ModelConfig) -> ModelConfig:
@@ -506,50 +526,50 @@ def resolve_imported(cfg: ModelConfig) -> ModelConfig:
     Raises:
         FileNotFoundError: ``cfg.weights_path`` is not an import directory.
     """
-    from pixellm.model.pixellm import CONFIG_NAME, WEIGHTS_NAME
+    _, meta = _import_dir(cfg)
+    imported = ModelConfig.model_validate(meta["model"])
+    keep = ("lora", "loss", "max_length", "gradient_checkpointing")
+    return imported.model_copy(update={k: getattr(cfg, k) for k in keep})
 
-    root = Path(cfg.weights_path or "")
-    if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
-            f"model.weights_path={cfg.weights_path!r} is not a `pixellm import-authors` directory "
-            f"({CONFIG_NAME} or {WEIGHTS_NAME} missing)"
-        )
-    imported = ModelConfig.model_validate(json.loads((root / CONFIG_NAME).read_text())["model"])
-    base = Path(imported.weights_path or "")
-    return imported.model_copy(
-        update={
-            "weights_path": str(base if base.is_absolute() else (root / base).resolve()),
-            "lora": cfg.lora,
-            "loss": cfg.loss,
-            "max_length": cfg.max_length,
-            "gradient_checkpointing": cfg.gradient_checkpointing,
-        }
-    )
+
+def imported_processor(cfg: ModelConfig):
+    """The processor of an import (its tokenizer, its image transform and prompt format)."""
+    from transformers import AutoTokenizer
+
+    from pixellm.model.pixellm import TOKENIZER_DIR
+    from pixellm.model.processing import build_processor
+
+    root, _ = _import_dir(cfg)
+    tok = AutoTokenizer.from_pretrained(root / TOKENIZER_DIR, local_files_only=True)
+    return build_processor(resolve_imported(cfg), tokenizer=tok)
 
 
 def build_from_import(cfg: ModelConfig):
     """``model.base: imported``: our model from an import directory, ready to fine-tune.
 
-    The import's trained parts are loaded; its (zero-effect) LoRA is replaced by a fresh one of
-    ``cfg.lora``. The returned model's config is the resolved one (``base: llava`` on the
-    import's ``llava/``), so its exports load without the import's PixelLM weights.
+    Every tensor of the import is loaded except its (zero-effect) LoRA, which is replaced by a
+    fresh one of ``cfg.lora``; the trainable set is the usual one. The model's config is the
+    resolved one, so its exports are ordinary self-contained model directories.
 
     Raises:
         FileNotFoundError: ``cfg.weights_path`` is not an import directory.
         RuntimeError: the import's weights do not fit the model.
     """
     from safetensors.torch import load_file
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from pixellm.model.pixellm import WEIGHTS_NAME, build_pixellm
 
-    model = build_pixellm(resolve_imported(cfg))
-    path = Path(cfg.weights_path or "") / WEIGHTS_NAME
-    state = {k: v for k, v in load_file(str(path)).items() if ".lora_" not in k}
+    root, meta = _import_dir(cfg)
+    processor = imported_processor(cfg)
+    # built for real (not on meta): the fresh LoRA of cfg.lora must be initialised normally
+    llava = LlavaForConditionalGeneration(LlavaConfig.from_dict(meta["llava_config"])).float()
+    model = build_pixellm(resolve_imported(cfg), processor=processor, llava=llava)
+    state = {k: v for k, v in load_file(str(root / WEIGHTS_NAME)).items() if ".lora_" not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    trained = {k for k in model.trainable_state_dict() if ".lora_" not in k}
-    lost = sorted(trained & set(missing))
-    if lost or unexpected:
+    missing = [k for k in missing if ".lora_" not in k]
+    if missing or unexpected:
         raise RuntimeError(
-            f"{path}: missing trained tensors {lost[:5]}, unexpected {unexpected[:5]}"
+            f"{root / WEIGHTS_NAME}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model

@@ -28,8 +28,12 @@ from pixellm.config import ModelConfig
 from pixellm.model import compat
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
-from pixellm.model.losses import mask_losses
-from pixellm.model.pixel_decoder import PixelLMPixelDecoder, build_pixel_decoder, mask_scores
+from pixellm.model.losses import mask_iou, mask_losses, score_loss
+from pixellm.model.pixel_decoder import (
+    PixelDecoderOutput,
+    PixelLMPixelDecoder,
+    build_pixel_decoder,
+)
 from pixellm.model.processing import (
     IGNORE_INDEX,
     PixelLMProcessor,
@@ -37,10 +41,12 @@ from pixellm.model.processing import (
     logits_to_image_size,
 )
 
-__all__ = ["PixelLM", "PixelLMOutput", "Prediction", "build_pixellm"]
+__all__ = ["PixelLM", "PixelLMOutput", "Prediction", "build_pixellm", "resolve_dtype"]
 
 CONFIG_NAME = "pixellm_config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+EXPORT_FORMAT = 2  # 2 = self-contained (base + LoRA unmerged + PixelLM parts + tokenizer)
 
 
 @dataclass
@@ -54,6 +60,9 @@ class PixelLMOutput:
         mask_logits: per question ``(K_b, h_b, w_b)`` logits at the ground-truth mask size when
             ``gt_masks`` is given, else at ``4g x 4g`` over the padded square.
         num_masks: masks that entered the mask losses.
+        loss_score: MSE of the predicted mask IoU against the measured one (scalar), None without
+            ground-truth masks.
+        scores: per question ``(K_b,)`` predicted IoU of each mask (the score head).
     """
 
     loss: torch.Tensor | None
@@ -63,6 +72,8 @@ class PixelLMOutput:
     logits: torch.Tensor
     mask_logits: list[torch.Tensor]
     num_masks: int = 0
+    loss_score: torch.Tensor | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -187,14 +198,15 @@ class PixelLM(nn.Module):
         features: list[torch.Tensor],
         image_index: torch.Tensor,
         token_states: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mask logits ``(K, 4g, 4g)`` for targets with codebook states ``(K, L·N, H)``."""
+    ) -> PixelDecoderOutput:
+        """Decoder output (mask logits ``(K, 4g, 4g)``, scores ``(K,)``) for targets with codebook
+        states ``(K, L·N, H)``."""
         k = token_states.shape[0]
         states = token_states.reshape(
             k, self.config.num_scales, self.config.tokens_per_group, token_states.shape[-1]
         )  # (K, L, N, H)
-        out = self.pixel_decoder(features, image_index, states.float())
-        return out.mask_logits
+        features = [f.float() for f in features]  # the decoder runs in fp32 (a bf16 LLaVA too)
+        return self.pixel_decoder(features, image_index, states.float())
 
     def _target_positions(self, input_ids: torch.Tensor) -> list[list[list[int]]]:
         return [self.codebook.find_groups(row) for row in input_ids]
@@ -236,20 +248,28 @@ class PixelLM(nn.Module):
         hidden = lm_out.last_hidden_state  # (B, T, H), post final norm
         logits = self.llava.lm_head(hidden)  # (B, T, V)
 
-        image_index = torch.tensor(
-            [b for b, grp in enumerate(groups) for _ in grp], dtype=torch.long, device=hidden.device
-        )
         shift = self.config.compat.state_offset  # -1: the state that predicts the token
         positions = [(b, [p + shift for p in pos]) for b, grp in enumerate(groups) for pos in grp]
-        if positions:
-            states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
-        else:
-            states = hidden.new_zeros((0, self.codebook.group_size, hidden.shape[-1]))
-        square = self._decode(features, image_index, states)  # (K, 4g, 4g)
-        per_question = list(torch.split(square, [len(g) for g in groups]))
+        image_index = [b for b, _ in positions]
+        no_target = not positions
+        if no_target:
+            # Decode one dummy target (the first L·N states of item 0) and keep none of it: every
+            # rank then runs the same modules with the same graph shape, so each trainable tensor
+            # gets a gradient (0 here) and ZeRO's reductions and gathers match across ranks.
+            positions, image_index = [(0, list(range(self.codebook.group_size)))], [0]
+        states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
+        index = torch.tensor(image_index, dtype=torch.long, device=hidden.device)  # (K,)
+        decoded = self._decode(features, index, states)
+        mask_logits, all_scores = decoded.mask_logits, decoded.scores  # (K, 4g, 4g), (K,)
+        if no_target:
+            # (0, 4g, 4g) and (0,), still on the graph: the mask and score losses are 0·Σ terms
+            mask_logits, all_scores = mask_logits[:0], all_scores[:0]
+        counts = [len(g) for g in groups]
+        per_question = list(torch.split(mask_logits, counts))  # (K_b, 4g, 4g) each
+        scores = list(torch.split(all_scores, counts))  # (K_b,) each
 
         if gt_masks is None:
-            return PixelLMOutput(None, None, None, None, logits, per_question)
+            return PixelLMOutput(None, None, None, None, logits, per_question, scores=scores)
         side = self.config.image_size
         resized = [
             logits_to_image_size(
@@ -258,10 +278,13 @@ class PixelLM(nn.Module):
             for b, m in enumerate(per_question)
         ]
         loss_cfg = self.config.loss
-        losses = mask_losses(
-            resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha
-        )
-        loss_txt = torch.zeros((), device=hidden.device)
+        targets = [m.to(hidden.device).float() for m in gt_masks]
+        losses = mask_losses(resized, targets, loss_cfg.alpha)
+        ious = [mask_iou(r.detach(), t) for r, t in zip(resized, targets, strict=True)]
+        loss_score = score_loss(all_scores, torch.cat(ious) if ious else all_scores.detach())
+        # Graph-connected zero: every trainable part gets a gradient (0 where it had no influence)
+        # on every rank and micro-batch, so data-parallel gradient reductions always match.
+        loss_txt = logits.sum(dtype=torch.float32) * 0.0
         if labels is not None:
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(logits.device)
@@ -275,9 +298,18 @@ class PixelLM(nn.Module):
             loss_cfg.lambda_txt * loss_txt
             + loss_cfg.lambda_ref * losses.ref
             + loss_cfg.lambda_dice * losses.dice
+            + loss_cfg.lambda_score * loss_score
         )
         return PixelLMOutput(
-            loss, loss_txt, losses.ref, losses.dice, logits, resized, num_masks=losses.num_masks
+            loss,
+            loss_txt,
+            losses.ref,
+            losses.dice,
+            logits,
+            resized,
+            num_masks=losses.num_masks,
+            loss_score=loss_score,
+            scores=scores,
         )
 
     # ------------------------------------------------------------------ inference
@@ -308,9 +340,10 @@ class PixelLM(nn.Module):
         )
         h = self.llava.config.text_config.hidden_size
         all_states = torch.cat(states) if states else torch.zeros(0, self.codebook.group_size, h)
-        square = self._decode(features, image_index, all_states.to(self.device))
+        decoded = self._decode(features, image_index, all_states.to(self.device))
+        scores = torch.split(decoded.scores, counts)
         preds = []
-        for b, logits in enumerate(torch.split(square, counts)):
+        for b, logits in enumerate(torch.split(decoded.mask_logits, counts)):
             full = logits_to_image_size(
                 logits.float(), valid_hw[b], self.config.image_size, sizes[b]
             )
@@ -325,7 +358,7 @@ class PixelLM(nn.Module):
                 Prediction(
                     text=self._answer_text(answers[b]),
                     masks=rles,
-                    scores=[float(s) for s in mask_scores(full)],
+                    scores=[float(s) for s in scores[b]],
                     num_tokens=len(answers[b]),
                 )
             )
@@ -344,8 +377,10 @@ class PixelLM(nn.Module):
         Args:
             images: B RGB images of any size.
             questions: B questions (plain text, no image placeholder).
-            max_new_tokens: generation budget per answer; a codebook run cut by it is dropped.
-            use_cache: generate with the KV cache (``False`` recomputes every step, for benchmarks).
+            max_new_tokens: generation budget per answer; a codebook run that is still incomplete
+                when the budget is spent is dropped (one completed by the last token is kept).
+            use_cache: generate with the KV cache; ``False`` recomputes the whole sequence at every
+                step (the authors' ``use_cache=False`` loop, the baseline of ``bench/generate.py``).
 
         Returns:
             B predictions; a prediction may hold zero targets.
@@ -368,160 +403,281 @@ class PixelLM(nn.Module):
         valid_hw = torch.tensor([e[1] for e in encoded], device=device)
         image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        if self._own_generation():
-            mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
-            if positions is None:
-                positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-            sequences, step_states = compat.greedy_generate(
-                self.llava,
-                embeds,
-                mask,
-                positions,
-                max_new_tokens=budget,
-                eos_token_id=self.tokenizer.eos_token_id,
-                suppress_ids=self.tokenizer.convert_tokens_to_ids(
-                    self.config.compat.suppress_tokens
-                ),
-            )
-            answers, states = self._collect_step_states(sequences, step_states)
-            return self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
-        out = self.llava.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=budget,
-            do_sample=False,
-            use_cache=use_cache,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
-            pad_token_id=pad_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+        mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
+        ids, step_states = self.generate_greedy(
+            embeds, mask, budget, use_cache, position_ids=positions
         )
-        answers, states = self._collect_states(out.sequences, out.hidden_states)
+        answers, states = self._collect_states(ids, step_states)
         return self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
 
+    @torch.no_grad()
+    def generate_greedy(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        use_cache: bool = True,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[list[list[int]], list[dict[int, torch.Tensor]]]:
+        """Greedy decoding from left-padded prompt embeddings ``(B, T, H)``.
+
+        Only what PixelLM needs is kept: the generated ids and, for each generated codebook token,
+        the LLM's last-layer (post-norm) state at its position, ``(H,)`` (not every layer's state of
+        every step). The state of the token generated at step j is the output of feeding it at step
+        j + 1, so when the last token of the budget is a codebook token one more forward computes
+        its state and a run completed by it is kept. Ids past ``len(tokenizer)`` (embedding padding
+        rows) are never generated.
+
+        Args:
+            embeds: ``(B, T, H)`` prompt embeddings; attention_mask: ``(B, T)`` (0 = left padding).
+            max_new_tokens: tokens to generate at most per row.
+            use_cache: KV cache (one new token per forward) or full recompute at every step.
+            position_ids: ``(B, T)`` explicit positions (``compat.mask_padded_image_tokens`` hides
+                keys inside the prompt, so positions cannot come from the mask); None = as HF.
+
+        ``compat.suppress_tokens`` are never generated; ``compat.state_offset == -1`` keeps for a
+        codebook token the state that predicted it (the release) instead of its own.
+
+        Returns:
+            ``(ids, states)``: per row the generated ids (EOS included, padding after it dropped),
+            and ``{step: state}`` for its codebook tokens.
+        """
+        from transformers import DynamicCache
+
+        lm = self.llava.model.language_model
+        head = self.llava.lm_head
+        embed = self.llava.get_input_embeddings()
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        vocab = len(self.tokenizer)
+        codebook = torch.tensor(self.codebook.ids, device=embeds.device)
+        b = embeds.shape[0]
+        mask = attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T), as HF generate
+        if position_ids is not None:
+            positions = position_ids.long()
+        suppress = self.tokenizer.convert_tokens_to_ids(self.config.compat.suppress_tokens)
+        predicting = self.config.compat.state_offset == -1
+        cache = DynamicCache() if use_cache else None
+        out = lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        last = out.last_hidden_state[:, -1]  # (B, H)
+        seq = embeds
+        done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
+        tokens: list[torch.Tensor] = []
+        states: list[dict[int, torch.Tensor]] = [{} for _ in range(b)]
+        for step in range(max_new_tokens):
+            logits = head(last).float()  # (B, V)
+            logits[:, vocab:] = float("-inf")
+            if suppress:
+                logits[:, suppress] = float("-inf")
+            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            tokens.append(nxt)
+            is_code = torch.isin(nxt, codebook) & ~done
+            if predicting:  # the state that predicted nxt
+                for row in is_code.nonzero().flatten().tolist():
+                    states[row][step] = last[row].clone()
+                is_code = torch.zeros_like(is_code)
+            done = done | (nxt == eos)
+            if bool(done.all()) or (step + 1 == max_new_tokens and not bool(is_code.any())):
+                break
+            new = embed(nxt)[:, None]  # (B, 1, H)
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+            if use_cache:
+                out = lm(
+                    inputs_embeds=new,
+                    attention_mask=mask,
+                    position_ids=positions[:, -1:],
+                    cache=cache,
+                    use_cache=True,
+                )
+            else:
+                seq = torch.cat([seq, new], 1)
+                out = lm(
+                    inputs_embeds=seq, attention_mask=mask, position_ids=positions, use_cache=False
+                )
+            last = out.last_hidden_state[:, -1]
+            for row in is_code.nonzero().flatten().tolist():
+                states[row][step] = last[row].clone()
+        rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(b)]
+        ids = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
+        return ids, states
+
     def _collect_states(
-        self, sequences: torch.Tensor, hidden_states: tuple
+        self, sequences: list[list[int]], step_states: list[dict[int, torch.Tensor]]
     ) -> tuple[list[list[int]], list[torch.Tensor]]:
         """Per answer: generated ids up to EOS, and codebook states ``(K_b, L·N, H)``.
 
-        The state of the token generated at step j is the last-layer state of the step j+1 input
-        (``hidden_states[j + 1][-1][:, -1]``, with or without cache).
+        A run whose states were not all computed (cut by ``max_new_tokens``) ends the answer.
         """
         eos = self.tokenizer.eos_token_id
-        steps = len(hidden_states)
-        answers, states = [], []
-        for b, row in enumerate(sequences.tolist()):
-            ids = row[: row.index(eos)] if eos in row else row
-            rows = []
-            for grp in self.codebook.find_groups(ids):
-                if grp[-1] + 1 >= steps:  # cut by max_new_tokens before its state was computed
-                    ids = ids[: grp[0]]
-                    break
-                rows.append(torch.stack([hidden_states[p + 1][-1][b, -1] for p in grp]))
-            answers.append(ids)
-            h = self.llava.config.text_config.hidden_size
-            states.append(torch.stack(rows) if rows else torch.zeros(0, len(self.codebook.ids), h))
-        return answers, states
-
-    def _own_generation(self) -> bool:
-        """Whether ``compat`` needs our greedy loop instead of HF ``generate``."""
-        c = self.config.compat
-        return c.mask_padded_image_tokens or c.state_offset != 0 or bool(c.suppress_tokens)
-
-    def _collect_step_states(
-        self, sequences: torch.Tensor, step_states: list[torch.Tensor]
-    ) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Like ``_collect_states`` for ``compat.greedy_generate`` output (``step_states[j]``
-        predicted token j; ``state_offset`` 0 takes ``step_states[j + 1]``)."""
-        eos = self.tokenizer.eos_token_id
-        shift = 1 + self.config.compat.state_offset  # 0 (release) or 1
         h = self.llava.config.text_config.hidden_size
         answers, states = [], []
-        for b, row in enumerate(sequences.tolist()):
-            ids = row[: row.index(eos)] if eos in row else row
+        for b, row in enumerate(sequences):
+            ids = row[: row.index(eos)] if eos in row else list(row)
             rows = []
             for grp in self.codebook.find_groups(ids):
-                if grp[-1] + shift >= len(step_states):  # cut by the budget before its state
+                if not all(p in step_states[b] for p in grp):
                     ids = ids[: grp[0]]
                     break
-                rows.append(torch.stack([step_states[p + shift][b] for p in grp]))
+                rows.append(torch.stack([step_states[b][p] for p in grp]))
             answers.append(ids)
             states.append(torch.stack(rows) if rows else torch.zeros(0, len(self.codebook.ids), h))
         return answers, states
 
-    # ------------------------------------------------------------------ persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor (LoRA, codebook rows, projections, decoder), detached on CPU,
-        plus the decoder's persistent buffers (the release decoder's fixed Fourier matrices)."""
-        out = {
+        """Every trainable tensor (LoRA, codebook rows, projections, decoder), detached on CPU."""
+        return {
             n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad
         }
-        params = {n for n, _ in self.pixel_decoder.named_parameters()}
-        for n, t in self.pixel_decoder.state_dict().items():
-            if n not in params:
-                out[f"pixel_decoder.{n}"] = t.detach().cpu().contiguous()
-        return out
 
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
-        """Write config, tokenizer and safetensors of what was trained (tiny: the whole model).
+        """Write a self-contained model directory (see ``EXPORT_FORMAT``).
+
+        Files: ``model.safetensors`` (every tensor of the module: the base LLaVA, the LoRA
+        adapters *unmerged* under their peft names, the codebook rows, p_V→T and the pixel decoder,
+        in the dtype they have, i.e. the run's precision), ``pixellm_config.json`` (the model
+        config, the LLaVA architecture config and the format version) and ``tokenizer/`` (with the
+        codebook tokens). Nothing refers to the training machine: ``model.weights_path`` is kept
+        for provenance only and never read back.
 
         Args:
             directory: output directory (created).
-            state_dict: weights to write instead of this module's (e.g. gathered from ZeRO-3).
+            state_dict: weights to write instead of this module's (e.g. gathered from ZeRO-3);
+                must hold every key of ``self.state_dict()``.
+
+        Raises:
+            RuntimeError: ``state_dict`` lacks tensors of the module.
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        full = self.config.base == "tiny"  # a tiny backbone is random: keep it with the model
         if state_dict is None:
-            state_dict = (
-                {n: p.detach().cpu().contiguous() for n, p in self.state_dict().items()}
-                if full
-                else self.trainable_state_dict()
-            )
-        elif not full:
-            trainable = set(self.trainable_state_dict())
-            state_dict = {k: v for k, v in state_dict.items() if k in trainable}
+            state_dict = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        missing = sorted(set(self.state_dict()) - set(state_dict))
+        if missing:
+            raise RuntimeError(f"state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out / WEIGHTS_NAME))
-        meta = {"model": self.config.model_dump(mode="json"), "full_weights": full}
+        dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state_dict.values()})
+        meta = {
+            "format": EXPORT_FORMAT,
+            "model": self.config.model_dump(mode="json"),
+            "llava_config": self.llava.config.to_dict(),
+            "lora": "unmerged",
+            "dtypes": dtypes,
+        }
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.tokenizer.save_pretrained(out / TOKENIZER_DIR)
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> PixelLM:
-        """Rebuild the model saved by ``save_pretrained`` (no download; base weights from
-        ``weights_path`` for llava models) and load its weights.
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> PixelLM:
+        """Rebuild a model written by ``save_pretrained`` from that directory alone.
+
+        The LLaVA is built from the stored architecture config with empty (meta) weights, which
+        the stored tensors then replace (``assign``), so no random init of the base is paid and
+        no base checkpoint is needed; the tokenizer is the stored one.
+
+        Args:
+            directory: the exported directory.
+            device: where the model runs.
+            dtype: the LLaVA's dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"bf16"``,
+                ``"fp16"``, ``"fp32"``, a ``torch.dtype``, or None = fp32. The pixel decoder
+                always runs in fp32.
 
         Raises:
-            FileNotFoundError: the directory lacks the config or the weights.
-            RuntimeError: a trained tensor is missing from the file.
+            FileNotFoundError: the directory lacks the config, the weights or the tokenizer.
+            RuntimeError: the file lacks tensors of the model or holds unexpected ones.
         """
+        from accelerate import init_empty_weights
+        from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
         path = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
+        for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR):
+            if not (path / name).exists():
                 raise FileNotFoundError(f"{path / name} missing: not a PixelLM model directory")
         meta = json.loads((path / CONFIG_NAME).read_text())
-        cfg = ModelConfig.model_validate(meta["model"])
-        if cfg.weights_path and not Path(cfg.weights_path).is_absolute():  # e.g. an import's llava/
-            if (path / cfg.weights_path).exists():
-                cfg = cfg.model_copy(
-                    update={"weights_path": str((path / cfg.weights_path).resolve())}
-                )
-        model = build_pixellm(cfg)
-        state = load_file(str(path / WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        trained = set(model.trainable_state_dict())
-        lost = sorted(trained & set(missing))
-        if lost or unexpected:
+        if meta.get("format") != EXPORT_FORMAT:
             raise RuntimeError(
-                f"{path / WEIGHTS_NAME}: missing trained tensors {lost[:5]}, unexpected {unexpected[:5]}"
+                f"{path}: export format {meta.get('format')!r}, this version reads "
+                f"{EXPORT_FORMAT} (self-contained); re-export the model with this version"
             )
-        return model.to(device).eval()
+        cfg = ModelConfig.model_validate(meta["model"])
+        tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR, local_files_only=True)
+        processor = build_processor(cfg, tokenizer=tokenizer)
+        with init_empty_weights():  # parameters on meta, buffers (rotary, ids) real
+            llava = LlavaForConditionalGeneration(LlavaConfig.from_dict(meta["llava_config"]))
+        model = build_pixellm(cfg, processor=processor, llava=llava)
+        state = load_file(str(path / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{path / WEIGHTS_NAME}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        _refill_peft_originals(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.llm.to(device=device, dtype=resolve_dtype(dtype, device))
+        model.pixel_decoder.to(device=device, dtype=torch.float32)
+        return model.eval()
 
 
-def build_pixellm(cfg: ModelConfig) -> PixelLM:
+def _refill_peft_originals(model: nn.Module) -> None:
+    """Recompute peft's non-persistent copy of the original codebook rows after an ``assign`` load.
+
+    peft's trainable-tokens layer keeps ``trainable_tokens_original`` (the base rows, used only to
+    unmerge) out of the state dict, so an empty-weights build leaves it on meta. Any other tensor
+    still on meta means the peft/transformers layout moved: fail loudly.
+    """
+    for module in model.modules():
+        originals = getattr(module, "trainable_tokens_original", None)
+        if originals is None:
+            continue
+        for adapter, idx in module.token_indices.items():
+            originals[adapter] = module.base_layer.weight[idx].detach().clone()
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    left = [n for n, t in tensors if t.is_meta]
+    if left:
+        raise RuntimeError(
+            f"tensors not restored by the load (peft/transformers layout changed?): {left[:5]}"
+        )
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``"auto"`` → bf16 on CUDA, fp32 elsewhere; ``"bf16"|"fp16"|"fp32"`` → the dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def build_pixellm(
+    cfg: ModelConfig,
+    *,
+    processor: PixelLMProcessor | None = None,
+    llava: nn.Module | None = None,
+) -> PixelLM:
     """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder.
 
+    ``processor`` and ``llava`` replace the ones the config would build (``from_pretrained``
+    passes the stored tokenizer and an empty LLaVA of the stored architecture).
     ``cfg.base == "imported"`` builds from a ``pixellm import-authors`` directory instead (see
     ``pixellm.model.import_authors.build_from_import``).
     """
@@ -529,8 +685,9 @@ def build_pixellm(cfg: ModelConfig) -> PixelLM:
         from pixellm.model.import_authors import build_from_import
 
         return build_from_import(cfg)
-    processor = build_processor(cfg)
-    llava = build_llava(cfg, processor.tokenizer)
+    processor = processor or build_processor(cfg)
+    if llava is None:
+        llava = build_llava(cfg, processor.tokenizer, processor.codebook.ids)
     factor = cfg.compat.projector_hidden_factor
     if factor != 1:  # the release's p_V→T is Cv -> 2H -> H; its weights come with the model
         llava.model.multi_modal_projector = compat.WideProjector(

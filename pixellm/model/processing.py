@@ -70,8 +70,8 @@ def logits_to_image_size(
         ``(K, h, w)`` logits.
     """
     k, s, _ = logits.shape
-    if k == 0:
-        return logits.new_zeros((0, *out_hw))
+    if k == 0:  # a reshape, not new_zeros: the empty result stays on the decoder's graph
+        return logits.reshape(0, *out_hw)
     # (K, s, s) -> (K, S, S) -> crop valid -> (K, h, w)
     x = F.interpolate(
         logits[:, None], size=(image_side, image_side), mode="bilinear", align_corners=False
@@ -164,6 +164,26 @@ class PixelLMProcessor:
                 ids += self.tokenizer(piece, add_special_tokens=False).input_ids
         return ids
 
+    def _turn_ids(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """Prompt and answer ids of one turn, tokenised together as ``prompt + " " + answer``.
+
+        Tokenising the answer on its own (``" " + answer``) differs on sentencepiece tokenizers
+        (Llama: a lone ``"▁"`` that generation after ``ASSISTANT:`` never produces); the joint ids
+        are split where the prompt's own ids end, which is what generation continues from.
+
+        Raises:
+            ValueError: the prompt's ids are not a prefix of the joint ids (a token would straddle
+                the prompt/answer boundary).
+        """
+        prompt_ids = self._ids(prompt)
+        joint = self._ids(f"{prompt} {answer}")
+        if joint[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                f"tokenizer merges the prompt's end with the answer ({prompt[-20:]!r} + "
+                f"{answer[:20]!r}); the prompt ids are not a prefix of the joint ids"
+            )
+        return prompt_ids, joint[len(prompt_ids) :]
+
     def _user_prefix(self, first: bool) -> str:
         image = self.tokenizer.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens
         if self.compat.image_wrap_tokens:
@@ -197,11 +217,12 @@ class PixelLMProcessor:
                 raise ValueError(
                     f"turn {turn}: expected roles user, assistant; got {user.get('role')}, {assistant.get('role')}"
                 )
-            prompt = self._ids(self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:")
+            prompt, answer = self._turn_ids(
+                self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:",
+                self.codebook.expand(assistant["text"].strip()),
+            )
             num_targets += self.codebook.count_placeholders(assistant["text"])
-            # a piece encoded on its own gets sentencepiece's leading "▁" = the space after ":"
-            space = "" if self.compat.split_added_tokens else " "
-            answer = self._ids(space + self.codebook.expand(assistant["text"].strip())) + [eos]
+            answer = answer + [eos]
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:
@@ -226,10 +247,10 @@ def build_processor(
     """The processor of a recipe's model (builds the tokenizer unless one is given)."""
     from pixellm.model.tokenizer import build_tokenizer
 
-    if cfg.base == "imported":  # the import's own settings (image transform, prompt, codebook)
-        from pixellm.model.import_authors import resolve_imported
+    if cfg.base == "imported" and tokenizer is None:  # the import's tokenizer and settings
+        from pixellm.model.import_authors import imported_processor
 
-        cfg = resolve_imported(cfg)
+        return imported_processor(cfg)
     tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     release = cfg.compat.codebook_tokens == "authors"
     codebook = SegCodebook(

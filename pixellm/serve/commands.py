@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -16,9 +17,10 @@ APP_NAME = "pixellm"
 
 
 def _init_ray(address: str | None, extra_cpus: float = 0.0) -> bool:
-    """Connect to ``address`` or start a loopback-only local Ray; True when this call started it.
+    """Connect to ``address`` or ``$RAY_ADDRESS``, else start a loopback-only local Ray.
 
-    A local Ray gets ``extra_cpus`` logical CPUs on top of the machine's: Ray Data's file-listing
+    Returns True when this call started Ray. Inside a Ray job ``RAY_ADDRESS`` is set and Ray refuses
+    resource arguments when connecting, so none are passed then. A local Ray gets ``extra_cpus`` logical CPUs on top of the machine's: Ray Data's file-listing
     task needs a whole CPU, which a replica holding one of two cores would otherwise never leave.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -26,15 +28,23 @@ def _init_ray(address: str | None, extra_cpus: float = 0.0) -> bool:
 
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)  # None = $RAY_ADDRESS (the cluster a Ray job runs on)
         return False
     ray.init(include_dashboard=False, num_cpus=(os.cpu_count() or 1) + math.ceil(extra_cpus))
     return True
 
 
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Deploy the app on a local Ray (or ``--address``) and serve until interrupted."""
+    """Deploy the app on a local Ray (or ``--address``) and serve until Ctrl-C or SIGTERM.
+
+    Both stop the same way: Serve is shut down and, when this command started the local Ray, Ray
+    too (its dashboard, runtime-env and log agents included), so nothing is left running.
+    """
     from ray import serve
 
     from pixellm.config import load_recipe
@@ -54,26 +64,47 @@ def run_serve(args: argparse.Namespace) -> int:
             "num_gpus": args.num_gpus,
         }
     )
-    _init_ray(args.address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    url = f"http://{cfg.host}:{cfg.port}"
-    print(f"PixelLM serving {args.model} at {url}  (POST /v1/segment, GET /healthz, GET /v1/model)")
-    print("Ctrl-C stops it.", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = False
     try:
+        started = _init_ray(args.address)
+        # ray.init installs its own SIGTERM handler: put ours back so SIGTERM == Ctrl-C.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{cfg.host}:{cfg.port}"
+        print(
+            f"PixelLM serving {args.model} at {url}  (POST /v1/segment, GET /healthz, GET /v1/model)"
+        )
+        print("Ctrl-C or SIGTERM stops it.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        print("stopping", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up
+        import ray
+
+        if ray.is_initialized():
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+            else:  # someone else's cluster: remove only what this command deployed
+                serve.delete(APP_NAME)
+        signal.signal(signal.SIGTERM, previous)
+    print("stopped", file=sys.stderr, flush=True)
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
     """Score one split through the deployment; print a JSON summary."""
+    from pixellm.config import load_recipe
     from pixellm.serve.score import ScoreOptions, score_benchmark
 
+    cfg = load_recipe(args.recipe, args.set).serve
+    started = _init_ray(
+        args.address, extra_cpus=args.num_cpus if args.num_cpus is not None else cfg.num_cpus
+    )
     opts = ScoreOptions(
         model=args.model,
         benchmark=args.benchmark,
@@ -91,8 +122,10 @@ def run_score(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         n_overlays=args.overlays,
         replica_cpus=args.num_cpus,
+        replica_gpus=args.num_gpus,
+        # On a cluster Serve may outlive this run: start it where `pixellm serve` would.
+        http_options=None if started else {"host": cfg.host, "port": cfg.port},
     )
-    started = _init_ray(args.address, extra_cpus=args.num_cpus)
     try:
         result = score_benchmark(opts)
     finally:
@@ -114,15 +147,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="recipe YAML (serve + mlflow sections)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start local)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
+    )
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (serve.num_cpus)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (serve.num_gpus)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``pixellm serve`` (shared with ``jobs/serve.py``)."""
     _common(p)
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:

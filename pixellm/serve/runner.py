@@ -11,16 +11,27 @@ model call; the outputs are put back in request order.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
 from pixellm.model import PixelLM, Prediction
-from pixellm.model.pixel_decoder import mask_scores
 from pixellm.model.processing import logits_to_image_size
-from pixellm.serve.api import SegmentJob
+from pixellm.serve.api import SegmentJob, clean_message
 
-__all__ = ["prompt_tokens", "run_jobs", "teacher_forced_predict"]
+__all__ = ["JobFailure", "prompt_tokens", "run_jobs", "run_jobs_isolated", "teacher_forced_predict"]
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """The model raised on this job alone; ``reason`` is ``"ErrorType: message"``."""
+
+    reason: str
 
 
 def prompt_tokens(model: PixelLM, question: str) -> int:
@@ -40,7 +51,8 @@ def teacher_forced_predict(
     """Masks from one teacher-forced forward pass with the ground-truth answers in the prompt.
 
     The answer's ``[SEG]`` placeholders become codebook runs; each run's hidden states decode one
-    mask (``out.mask_logits``), thresholded at logit 0 at the original image size.
+    mask (``out.mask_logits``), thresholded at logit 0 at the original image size, and its score
+    (``out.scores``, the predicted IoU).
 
     Args:
         images: B ``(h, w, 3)`` uint8 images.
@@ -74,7 +86,7 @@ def teacher_forced_predict(
             Prediction(
                 text=answers[b],
                 masks=[_rle(m) for m in binary],
-                scores=[float(s) for s in mask_scores(full)],
+                scores=[float(s) for s in out.scores[b]],
                 num_tokens=len(convs[b].input_ids),
             )
         )
@@ -107,3 +119,25 @@ def run_jobs(model: PixelLM, jobs: list[SegmentJob]) -> list[Prediction]:
         for i, pred in zip(idx, preds, strict=True):
             out[i] = pred
     return [p for p in out if p is not None]
+
+
+def run_jobs_isolated(model: PixelLM, jobs: list[SegmentJob]) -> list[Prediction | JobFailure]:
+    """``run_jobs``, and when that raises, each job again on its own.
+
+    One job that makes the model raise then costs its batch-mates a second pass, not their
+    answers: every job that succeeds alone gets its prediction, the others a ``JobFailure``.
+
+    Returns:
+        One prediction or failure per job, same order and length as ``jobs``.
+    """
+    try:
+        return list(run_jobs(model, jobs))
+    except Exception as err:  # noqa: BLE001 - any model error: isolate the culprit
+        if len(jobs) == 1:
+            logger.warning("job failed: %s: %s", type(err).__name__, err)
+            return [JobFailure(clean_message(f"{type(err).__name__}: {err}"))]
+        logger.warning("batch of %d failed (%s); retrying one by one", len(jobs), err)
+    out: list[Prediction | JobFailure] = []
+    for job in jobs:
+        out += run_jobs_isolated(model, [job])
+    return out

@@ -5,6 +5,7 @@ A checkpoint directory (one per report, merged by Ray Train from every worker's 
     ds/<tag>/...            DeepSpeed shards: module (rank 0), optimizer partitions (every rank),
                             LR scheduler, engine counters
     ds/latest               the tag (written by rank 0)
+    rng/rank-<r>.pt         python, numpy and torch RNG states of rank r (``save_rng_state``)
     recipe_state.json       RecipeState: step, epoch, seed, config hash, data position, run id,
                             and the flattened recipe it was trained with
 
@@ -16,6 +17,7 @@ differing key and says that the current value wins.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 import warnings
@@ -23,18 +25,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 __all__ = [
     "STATE_FILE",
     "RecipeState",
     "checkpoint_dir_name",
     "diff_recipes",
     "load_checkpoint",
+    "load_rng_state",
     "read_recipe_state",
     "save_checkpoint",
+    "save_rng_state",
 ]
 
 STATE_FILE = "recipe_state.json"
 DS_SUBDIR = "ds"
+RNG_SUBDIR = "rng"
 
 
 @dataclass
@@ -90,6 +98,7 @@ def save_checkpoint(engine: Any, state: RecipeState, rank: int) -> Path:
     """
     local = Path(tempfile.mkdtemp(prefix=f"pixellm-ckpt-r{rank}-"))
     engine.save_checkpoint(str(local / DS_SUBDIR), tag=f"step{state.step}")
+    save_rng_state(local, rank)
     if rank == 0:
         (local / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
     return local
@@ -145,6 +154,37 @@ def load_checkpoint(
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint for step {state.step} in {directory}")
     return state
+
+
+def save_rng_state(directory: Path, rank: int) -> None:
+    """Write this rank's python, numpy and torch (CPU and CUDA) RNG states to ``rng/rank-<r>.pt``."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    (directory / RNG_SUBDIR).mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / RNG_SUBDIR / f"rank-{rank}.pt")
+
+
+def load_rng_state(directory: str | Path, rank: int) -> None:
+    """Restore the RNG states ``save_rng_state`` wrote for ``rank``.
+
+    Raises:
+        FileNotFoundError: the checkpoint holds no RNG state for this rank.
+    """
+    path = Path(directory) / RNG_SUBDIR / f"rank-{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} missing: checkpoint {directory} has no RNG state of rank {rank}"
+        )
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def remove_local(directory: Path) -> None:

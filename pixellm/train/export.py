@@ -25,7 +25,8 @@ def gather_full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] |
         stage: the ZeRO stage of the run.
 
     Returns:
-        ``model.state_dict()``-keyed CPU tensors on rank 0 (fp32 copies of bf16 weights), else None.
+        ``model.state_dict()``-keyed CPU tensors on rank 0, in the run's dtype (bf16 for a bf16
+        run: the export is written in the run's precision), else None.
     """
     import torch.distributed as dist
 
@@ -36,11 +37,14 @@ def gather_full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] |
         state = engine.module.state_dict() if rank == 0 else None
     if state is None:
         return None
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def export_model(engine: Any, stage: int, out_dir: str | Path) -> Path | None:
     """Write the consolidated model with ``PixelLM.save_pretrained`` (rank 0); all ranks call this.
+
+    The directory is self-contained (base LLaVA, LoRA unmerged, PixelLM parts, tokenizer, config;
+    see ``PixelLM.save_pretrained``): ``PixelLM.from_pretrained`` needs nothing else.
 
     Args:
         engine: the DeepSpeed engine (``engine.module`` is the PixelLM).

@@ -29,14 +29,18 @@ from pixellm.train.checkpoint import (
     RecipeState,
     checkpoint_dir_name,
     load_checkpoint,
+    load_rng_state,
     remove_local,
     save_checkpoint,
 )
+from pixellm.train.optim import param_groups
 from pixellm.train.run_tracking import RunLogger
+from pixellm.train.sample_log import SampleLog
+from pixellm.train.validation import load_val_subset
 
 __all__ = ["LOSS_KEYS", "StepStats", "train_loop_per_worker"]
 
-LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice")
+LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score")
 _MODEL_KEYS = ("pixel_values", "valid_hw", "input_ids", "attention_mask", "labels", "gt_masks")
 
 
@@ -73,40 +77,92 @@ def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tupl
     model = build_pixellm(recipe.model)
     if recipe.train.use_gpu:
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, recipe.train)  # per-group lr (pixellm.train.optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config, dist_init_required=False
+        model=model, model_parameters=groups, config=ds_config, dist_init_required=False
     )
     return engine, model
 
 
-def _shard_batches(dataset_name: str, micro: int) -> Iterator[dict[str, Any]]:
-    """Endless collated micro-batches of this rank's dataset (restarts it if it runs short)."""
+class _Recorder:
+    """Wraps the micro-batch stream; ``take()`` returns the sample ids taken since the last call
+    and the CPU seconds this process spent off the training thread meanwhile (``data_cpu_s``:
+    Ray Data's iterator/prefetch threads and Ray's own; also intra-op threads when
+    ``train.cpus_per_worker`` > 1 and collective threads when there are several workers)."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]]):
+        self.batches, self.ids = batches, []
+        self.cpu = time.process_time() - time.thread_time()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self.batches)
+        self.ids += batch["sample_id"]
+        return batch
+
+    def take(self) -> tuple[list[str], float]:
+        ids, self.ids = self.ids, []
+        cpu, self.cpu = self.cpu, time.process_time() - time.thread_time()
+        return ids, self.cpu - cpu
+
+
+def data_stream(
+    recipe: Recipe, dataset_name: str, start_board: str | None, steps_done: int, rank: int
+) -> Iterator[dict[str, Any]]:
+    """This rank's collated micro-batches of the split training stream, from step ``steps_done + 1``.
+
+    Rank 0 tells the stream where to start (``StreamLayout.start_block``: blocks before it are
+    neither read nor preprocessed), then every rank waits at a barrier before iterating, so the
+    stream's execution starts after the position is set. Ray Data prefetches and collates
+    (``iter_torch_batches``). Rows of a block that lie before ``steps_done`` (only when a checkpoint
+    falls inside a block, e.g. after ``train.checkpoint_every`` changed) are skipped.
+
+    Raises:
+        RuntimeError: the stream does not continue at step ``steps_done + 1``.
+    """
     import ray.train
+    import torch.distributed as dist
 
     from pixellm.data.collate import collate_batch
+    from pixellm.data.stream import StreamLayout, set_stream_start
 
-    shard = ray.train.get_dataset_shard(dataset_name)
-    passes = 0
-    while True:
-        got = 0
-        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True):
-            got += 1
-            yield collate_batch(batch)
-        passes += 1
-        if got == 0:
-            raise RuntimeError(f"dataset {dataset_name} yielded no batch of {micro} rows")
-        print(
-            f"[pixellm.train] {dataset_name} ran out after {got} batches; restarting it", flush=True
+    world = ray.train.get_context().get_world_size()
+    if rank == 0 and start_board is not None:
+        set_stream_start(
+            start_board, StreamLayout.for_train(recipe.train, world).start_block(steps_done)
         )
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    shard = ray.train.get_dataset_shard(dataset_name)
+    batches = shard.iter_torch_batches(
+        batch_size=recipe.train.micro_batch_size,
+        collate_fn=collate_batch,
+        prefetch_batches=recipe.data.prefetch_batches,
+    )
+    first = True
+    for batch in batches:
+        if max(batch["step"]) <= steps_done:
+            continue
+        if first and min(batch["step"]) != steps_done + 1:
+            raise RuntimeError(
+                f"rank {rank}: the data stream continues at step {min(batch['step'])}, expected "
+                f"{steps_done + 1} (checkpoint at step {steps_done})"
+            )
+        first = False
+        yield batch
 
 
-def data_stream(dataset_name: str, micro: int, skip: int) -> Iterator[dict[str, Any]]:
-    """This rank's micro-batches from data position ``skip`` (micro-batches already trained on)."""
-    it = _shard_batches(dataset_name, micro)
-    for _ in range(skip):  # the per-rank stream is deterministic (preserve_order): skip = resume
-        next(it)
-    return it
+def _maybe_validate(engine: Any, val: Any, every: int, step: int, rank: int) -> dict[str, float]:
+    """``{"val/giou": …}`` every ``every`` steps (collective: every rank calls it), else ``{}``."""
+    if not val or step % every:
+        return {}
+    from pixellm.train.validation import validate_giou
+
+    giou = validate_giou(engine, val)
+    log_rank0(rank, f"step {step} val/giou={giou:.4f}")
+    return {"val/giou": giou}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -185,7 +241,9 @@ def _restore(engine: Any, cfg: dict[str, Any], world: int) -> RecipeState | None
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return load_checkpoint(engine, directory, cfg["flat_recipe"], world)
+        state = load_checkpoint(engine, directory, cfg["flat_recipe"], world)
+        load_rng_state(directory, ray.train.get_context().get_world_rank())
+        return state
 
 
 def _progress(
@@ -229,7 +287,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: ``train_loop_config`` from the driver: ``recipe`` (JSON dump), ``flat_recipe``,
-            ``config_hash``, ``ds_config``, ``zero_stage``, ``dataset_prefix``, ``tracking_uri``,
+            ``config_hash``, ``ds_config``, ``zero_stage``, ``dataset_name``, ``start_board``,
+            ``tracking_uri``,
             ``mlflow_run_id``, ``storage``, ``export_dir``, ``registered_model_name``, ``fault``.
     """
     import ray.train
@@ -260,9 +319,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
     if logger is not None and state.step:
         logger.set_tags({"resumed_from_step": state.step})
-    batches = data_stream(
-        f"{config['dataset_prefix']}{rank}", t.micro_batch_size, state.micro_batches_consumed
+    batches = _Recorder(
+        data_stream(recipe, config["dataset_name"], config["start_board"], state.step, rank)
     )
+    samples = SampleLog(config["storage"], rank, state.step) if t.sample_log else None
+    val = load_val_subset(recipe, rank, world) if t.eval_every else None
     first, t0 = state.step, time.perf_counter()
     step_seconds: list[float] = []  # wall time of each step since the last report
     engine.train()
@@ -272,11 +333,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.epoch = (state.step - 1) // t.steps_per_epoch
         state.micro_batches_consumed += t.grad_accum
-        if state.step % t.log_every == 0 or state.step == total:
+        ids, data_cpu = batches.take()
+        if samples is not None:
+            samples.add(state.step, ids)
+        extra = {
+            "data_cpu_s": data_cpu,
+            **_maybe_validate(engine, val, t.eval_every, state.step, rank),
+        }
+        if state.step % t.log_every == 0 or state.step == total or "val/giou" in extra:
             metrics = _progress(rank, state.step, total, stats, _lr(engine), t0, first, world)
             if logger is not None:
-                logger.add_metrics(state.step, {**metrics, "epoch": state.epoch})
+                logger.add_metrics(state.step, {**metrics, **extra, "epoch": state.epoch})
         if state.step % t.checkpoint_every == 0 or state.step == total:
+            if samples is not None:
+                samples.flush()  # before the checkpoint exists: a resume never loses a step
             _report_checkpoint(engine, state, rank, logger, config["storage"], step_seconds)
         _maybe_fault(config["fault"], state.step, rank)
     _finish(engine, config, config["zero_stage"], rank, logger)

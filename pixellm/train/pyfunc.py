@@ -1,8 +1,14 @@
 """The trained PixelLM as an ``mlflow.pyfunc`` model, logged and registered at the end of training.
 
-Input: a DataFrame with columns ``image`` (base64-encoded PNG/JPEG) and ``question``. Output: a
-DataFrame with ``text`` (one ``[SEG]`` per target), ``masks`` (JSON list of COCO RLE dicts, one per
-target, at the input image size) and ``scores`` (JSON list of floats).
+Input: a DataFrame with columns ``image`` (base64 of PNG/JPEG/WebP/BMP bytes) and ``question``;
+param ``max_new_tokens`` (int, default 64). Output: a DataFrame with ``text`` (one ``[SEG]`` per
+target), ``masks`` (JSON list of COCO RLE dicts, one per target, at the input image size) and
+``scores`` (JSON list of floats). The signature and an input example are logged with the model.
+
+The logged artifact is the self-contained export (base LLaVA + LoRA + PixelLM parts + tokenizer),
+so ``models:/NAME/VERSION`` loads anywhere. Device and dtype are chosen at load time: CUDA when
+available, ``dtype`` ``auto`` (bf16 on CUDA, fp32 on CPU); both can be overridden with
+``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu", "dtype": "fp32"})``.
 """
 
 from __future__ import annotations
@@ -14,34 +20,51 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PixelLMPyfunc", "decode_image", "log_pyfunc_model"]
+__all__ = [
+    "PIP_PACKAGES",
+    "PixelLMPyfunc",
+    "decode_image",
+    "log_pyfunc_model",
+    "pip_requirements",
+    "signature",
+]
 
-_PIP = (
+# Every third-party distribution the logged code imports when loading and predicting
+# (tests/train/test_train_llava.py checks this list against the imports of a fresh process).
+PIP_PACKAGES = (
     "torch",
     "transformers",
+    "tokenizers",
+    "accelerate",
     "peft",
     "safetensors",
+    "numpy",
+    "pandas",
     "pycocotools",
     "pillow",
     "pydantic",
     "pyyaml",
 )
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def decode_image(b64: str) -> Any:
-    """Base64 PNG/JPEG → RGB ``PIL.Image``.
+    """Base64 PNG/JPEG/WebP/BMP → ``(H, W, 3)`` uint8 RGB (the Serve API's decoder and checks).
 
     Raises:
-        ValueError: the string is not base64 of an image PIL can open.
+        ValueError: not base64 of an allowed image format, or not decodable.
     """
-    from PIL import Image, UnidentifiedImageError
+    from pixellm.serve.api import RequestError
+    from pixellm.serve.api import decode_image as decode
 
     try:
         raw = base64.b64decode(b64, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
-    except (ValueError, UnidentifiedImageError) as err:
-        raise ValueError(f"image is not a base64 PNG/JPEG: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"image is not valid base64 ({err})") from None
+    try:
+        return decode(raw, max_pixels=1 << 31)
+    except RequestError as err:
+        raise ValueError(err.message) from None
 
 
 try:  # mlflow is a dependency; the guard only keeps this module importable in slim envs
@@ -54,10 +77,16 @@ class PixelLMPyfunc(PythonModel):
     """PixelLM behind the MLflow pyfunc interface; loads the exported directory from artifacts."""
 
     def load_context(self, context: Any) -> None:
-        """Load the ``model_dir`` artifact with ``PixelLM.from_pretrained`` (CPU)."""
+        """Load the ``model_dir`` artifact on the device/dtype of ``model_config`` (default auto)."""
+        import torch
+
         from pixellm.model import PixelLM
 
-        self.model = PixelLM.from_pretrained(context.artifacts["model_dir"], device="cpu")
+        conf = dict(getattr(context, "model_config", None) or {})
+        device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = PixelLM.from_pretrained(
+            context.artifacts["model_dir"], device=device, dtype=conf.get("dtype", "auto")
+        )
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """Answer each row's question about its image.
@@ -80,7 +109,7 @@ class PixelLMPyfunc(PythonModel):
             raise ValueError(
                 f"input DataFrame lacks columns {sorted(missing)}; need image, question"
             )
-        max_new = int((params or {}).get("max_new_tokens", 64))
+        max_new = int((params or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         images = [decode_image(b) for b in model_input["image"]]
         preds = self.model.predict(images, [str(q) for q in model_input["question"]], max_new)
         return pd.DataFrame(
@@ -92,9 +121,41 @@ class PixelLMPyfunc(PythonModel):
         )
 
 
-def _pip_requirements() -> list[str]:
+def signature() -> Any:
+    """The model signature: image + question strings in, text/masks/scores strings out,
+    ``max_new_tokens`` as an inference param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question")]),
+        outputs=Schema(
+            [ColSpec("string", "text"), ColSpec("string", "masks"), ColSpec("string", "scores")]
+        ),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
+
+
+def _input_example() -> tuple[Any, dict[str, int]]:
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 48, 3), 127, dtype=np.uint8)).save(buf, format="PNG")
+    frame = pd.DataFrame(
+        {
+            "image": [base64.b64encode(buf.getvalue()).decode("ascii")],
+            "question": ["Please segment the circle."],
+        }
+    )
+    return frame, {"max_new_tokens": 8}
+
+
+def pip_requirements() -> list[str]:
+    """``PIP_PACKAGES`` pinned to the installed versions."""
     reqs = []
-    for name in _PIP:
+    for name in PIP_PACKAGES:
         try:
             reqs.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -124,7 +185,10 @@ def log_pyfunc_model(
             python_model=PixelLMPyfunc(),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(pixellm.__file__).parent)],
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(),
+            signature=signature(),
+            input_example=_input_example(),
+            model_config={"dtype": "auto"},
             registered_model_name=registered_model_name,
         )
     return info.model_uri

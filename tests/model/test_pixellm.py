@@ -155,3 +155,58 @@ def test_tiny_model_overfits_multi_target_examples(tiny_model):
     elapsed = time.monotonic() - start
     assert losses[-1] < losses[0] * 0.5
     assert min(ious) > 0.8 and float(np.mean(ious)) > 0.9, f"IoUs {ious} after {elapsed:.0f}s"
+
+
+def _force_tokens(model, sequence):
+    """Make the LM head emit ``sequence`` step by step (one lm_head call per generated token)."""
+    calls = {"n": 0}
+
+    def hook(_module, _inputs, out):
+        forced = torch.full_like(out, -1e4)
+        forced[..., sequence[min(calls["n"], len(sequence) - 1)]] = 0.0
+        calls["n"] += 1
+        return forced
+
+    return model.llava.lm_head.register_forward_hook(hook)
+
+
+def test_codebook_run_completed_by_the_last_token_is_kept(tiny_model):
+    """Budget = exactly one codebook run: the run is kept (its last state needs one more forward);
+    one token less and the incomplete run is dropped."""
+    model = tiny_model.eval()
+    run = model.codebook.ids
+    img = np.zeros((40, 40, 3), dtype=np.uint8)
+    handle = _force_tokens(model, run)
+    try:
+        full = model.predict([img], ["Segment it."], max_new_tokens=len(run))[0]
+        cut = model.predict([img], ["Segment it."], max_new_tokens=len(run) - 1)[0]
+    finally:
+        handle.remove()
+    assert full.text == "[SEG]" and len(full.masks) == 1 and len(full.scores) == 1
+    assert cut.text == "" and cut.masks == []
+
+
+def test_uncached_baseline_recomputes_the_sequence_and_cached_feeds_one_token(tiny_model):
+    """The bench/generate.py baseline: forward inputs grow by one token per step without the
+    cache; with it every step after the prompt is one token long."""
+    model = tiny_model.eval()
+    lengths: list[int] = []
+    lm = model.llava.model.language_model
+    handle = lm.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    img = np.zeros((40, 40, 3), dtype=np.uint8)
+    eos = model.tokenizer.eos_token_id
+    word = model.tokenizer("the", add_special_tokens=False).input_ids[0]
+    assert word != eos
+    forced = _force_tokens(model, [word] * 8)
+    try:
+        for use_cache in (True, False):
+            model.predict([img], ["Segment it."], max_new_tokens=6, use_cache=use_cache)
+    finally:
+        handle.remove()
+        forced.remove()
+    cached, uncached = lengths[:6], lengths[6:]
+    prompt = cached[0]
+    assert cached == [prompt] + [1] * 5
+    assert uncached == [prompt + k for k in range(6)]
