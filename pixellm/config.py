@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "CompatConfig",
     "ConfigError",
     "DataConfig",
     "DecoderConfig",
@@ -99,11 +100,64 @@ class LossConfig(_Strict):
     lambda_score: float = Field(1.0, ge=0.0)  # MSE of the predicted mask IoU (score head)
 
 
+_AUTHORS_RELEASE: dict[str, Any] = {
+    "normalization": "imagenet",
+    "resize_rounding": "half_up",
+    "mask_padded_patches": True,
+    "mask_padded_image_tokens": True,
+    "projector_hidden_factor": 2,
+    "image_wrap_tokens": True,
+    "split_added_tokens": True,
+    "codebook_tokens": "authors",
+    "state_offset": -1,
+    "decoder": "authors-release",
+    "max_new_tokens": 512,
+    "suppress_tokens": ["<image>"],
+    "broken_run": "drop_all",
+}
+
+
+class CompatConfig(_Strict):
+    """Behaviours where the authors' released PixelLM departs from the paper (default: the paper).
+
+    ``preset: authors-release`` fills every field not given explicitly with the value that
+    reproduces the released checkpoints (``pixellm import-authors`` writes it); ``preset: paper``
+    keeps our paper-faithful defaults. Each field is one behaviour, see
+    ``/work/shared/reference/authors-checkpoint-facts.md``.
+    """
+
+    preset: Literal["paper", "authors-release"] = "paper"
+    normalization: Literal["clip", "imagenet"] = "clip"  # CLIP mean/std vs ImageNet 0-255 scale
+    resize_rounding: Literal["round", "half_up"] = "round"  # round() vs int(x + 0.5)
+    mask_padded_patches: bool = False  # padded CLIP patches masked as attention keys in the ViT
+    mask_padded_image_tokens: bool = False  # padded LLM image tokens masked, positions contiguous
+    projector_hidden_factor: int = Field(1, ge=1)  # p_V→T and p_V→D hidden width = factor x H
+    image_wrap_tokens: bool = False  # <im_start> <image>… <im_end> around the image tokens
+    # the release's slow tokenizer (transformers 4.31): text split at added tokens, whitespace
+    # next to them dropped, each piece encoded on its own
+    split_added_tokens: bool = False
+    codebook_tokens: Literal["ours", "authors"] = "ours"  # <seg_l_n> vs [SEG0]…[SEG{L*N-1}]
+    state_offset: Literal[0, -1] = 0  # 0: state at the codebook token; -1: the state predicting it
+    decoder: Literal["paper", "authors-release"] = "paper"  # pixellm/model/compat_decoder.py
+    max_new_tokens: int | None = Field(None, gt=0)  # fixed generation budget (None: the caller's)
+    suppress_tokens: list[str] = Field(default_factory=list)  # never generated
+    broken_run: Literal["drop_run", "drop_all"] = "drop_run"  # drop_all: codebook tokens not a
+    # multiple of L*N drop every mask of that answer (release); drop_run: only the broken run
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "authors-release":
+            return {**_AUTHORS_RELEASE, **data}
+        return data
+
+
 class ModelConfig(_Strict):
     """PixelLM architecture. ``feature_layers`` fixes L; ``tokens_per_group`` is N."""
 
-    base: Literal["tiny", "llava"] = "tiny"
-    weights_path: str | None = None  # local HF llava directory, required when base == "llava"
+    base: Literal["tiny", "llava", "imported"] = "tiny"
+    # llava: a local HF llava directory; imported: a ``pixellm import-authors`` output directory
+    weights_path: str | None = None
     image_size: int = Field(224, ge=32)  # 448 for the real models (CLIP pos-emb interpolated)
     feature_layers: list[int] = Field(default_factory=lambda: [-1, -3], min_length=1)
     llm_image_grid: int = Field(7, gt=0)  # deepest layer pooled to grid x grid image tokens
@@ -118,6 +172,7 @@ class ModelConfig(_Strict):
     decoder: DecoderConfig = DecoderConfig(dim=64, depth=2, heads=4, mlp_dim=256)
     lora: LoraConfig = LoraConfig()
     loss: LossConfig = LossConfig()
+    compat: CompatConfig = CompatConfig()
 
     @property
     def num_scales(self) -> int:
@@ -126,8 +181,8 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.base == "llava" and not self.weights_path:
-            raise ValueError("model.weights_path is required when model.base is 'llava'")
+        if self.base in ("llava", "imported") and not self.weights_path:
+            raise ValueError(f"model.weights_path is required when model.base is {self.base!r}")
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ValueError(f"model.feature_layers has duplicates: {self.feature_layers}")
         if self.base == "tiny":

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pixellm.config import ModelConfig
+from pixellm.model import compat
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
 from pixellm.model.losses import mask_iou, mask_losses, score_loss
@@ -121,11 +122,14 @@ class PixelLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.pixel_decoder.parameters()).device
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, valid_hw: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run CLIP once and build both image streams.
 
         Args:
             pixel_values: ``(B, 3, S, S)``.
+            valid_hw: ``(B, 2)`` un-padded sizes; used when ``compat.mask_padded_patches``.
 
         Returns:
             ``(image_embeds (B, G*G, H), features)`` with ``features`` the L CLIP maps ``(B, g, g, Cv)``,
@@ -134,14 +138,19 @@ class PixelLM(nn.Module):
         vision = self.llava.model.vision_tower
         dtype = next(vision.parameters()).dtype
         with torch.no_grad():  # CLIP is frozen
-            out = vision(
-                pixel_values.to(dtype), output_hidden_states=True, interpolate_pos_encoding=True
-            )
+            if self.config.compat.mask_padded_patches and valid_hw is not None:
+                hidden_states = compat.masked_vit_hidden_states(
+                    vision, pixel_values.to(dtype), valid_hw
+                )
+            else:
+                hidden_states = vision(
+                    pixel_values.to(dtype), output_hidden_states=True, interpolate_pos_encoding=True
+                ).hidden_states
         b = pixel_values.shape[0]
         g = pixel_values.shape[-1] // vision.config.patch_size
         features = []
         for layer in self.config.feature_layers:
-            hs = out.hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
+            hs = hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
             features.append(hs.reshape(b, g, g, -1))  # (B, g, g, Cv)
         deepest = features[0].permute(0, 3, 1, 2)  # (B, Cv, g, g)
         grid = self.config.llm_image_grid
@@ -163,6 +172,26 @@ class PixelLM(nn.Module):
             )
         embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
         return embeds
+
+    def _attention_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid_hw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(attention_mask, position_ids)``: with ``compat.mask_padded_image_tokens`` the image
+        tokens on padding are hidden while positions stay contiguous (else positions are None)."""
+        if not self.config.compat.mask_padded_image_tokens:
+            return attention_mask, None
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        vision = self.llava.model.vision_tower.config
+        valid = compat.image_token_mask(
+            valid_hw.to(input_ids.device),
+            self.config.image_size,
+            vision.patch_size,
+            self.config.llm_image_grid,
+        )  # (B, G*G)
+        is_image = input_ids == self.processor.image_token_id
+        mask = attention_mask.clone()
+        mask[is_image] = valid.flatten().to(mask.dtype)
+        return mask, positions
 
     def _decode(
         self,
@@ -210,15 +239,17 @@ class PixelLM(nn.Module):
                     raise ValueError(
                         f"batch item {b}: {len(grp)} target groups in the text but {m.shape[0]} masks"
                     )
-        image_embeds, features = self.encode_images(pixel_values)
+        image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
+        mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
         lm_out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
         )
         hidden = lm_out.last_hidden_state  # (B, T, H), post final norm
         logits = self.llava.lm_head(hidden)  # (B, T, V)
 
-        positions = [(b, pos) for b, grp in enumerate(groups) for pos in grp]
+        shift = self.config.compat.state_offset  # -1: the state that predicts the token
+        positions = [(b, [p + shift for p in pos]) for b, grp in enumerate(groups) for pos in grp]
         image_index = [b for b, _ in positions]
         no_target = not positions
         if no_target:
@@ -359,6 +390,7 @@ class PixelLM(nn.Module):
         if not images:
             return []
         device = self.device
+        budget = self.config.compat.max_new_tokens or max_new_tokens
         encoded = [self.processor.transform_image(im) for im in images]
         sizes = [(np.asarray(im).shape[0], np.asarray(im).shape[1]) for im in images]
         pixel_values = torch.stack([e[0] for e in encoded]).to(device)
@@ -368,9 +400,13 @@ class PixelLM(nn.Module):
         attention_mask = self.processor.pad([[1] * len(p) for p in prompts], 0, left=True).to(
             device
         )
-        image_embeds, features = self.encode_images(pixel_values)
+        valid_hw = torch.tensor([e[1] for e in encoded], device=device)
+        image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        ids, step_states = self.generate_greedy(embeds, attention_mask, max_new_tokens, use_cache)
+        mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
+        ids, step_states = self.generate_greedy(
+            embeds, mask, budget, use_cache, position_ids=positions
+        )
         answers, states = self._collect_states(ids, step_states)
         return self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
 
@@ -381,6 +417,7 @@ class PixelLM(nn.Module):
         attention_mask: torch.Tensor,
         max_new_tokens: int,
         use_cache: bool = True,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[list[list[int]], list[dict[int, torch.Tensor]]]:
         """Greedy decoding from left-padded prompt embeddings ``(B, T, H)``.
 
@@ -395,6 +432,11 @@ class PixelLM(nn.Module):
             embeds: ``(B, T, H)`` prompt embeddings; attention_mask: ``(B, T)`` (0 = left padding).
             max_new_tokens: tokens to generate at most per row.
             use_cache: KV cache (one new token per forward) or full recompute at every step.
+            position_ids: ``(B, T)`` explicit positions (``compat.mask_padded_image_tokens`` hides
+                keys inside the prompt, so positions cannot come from the mask); None = as HF.
+
+        ``compat.suppress_tokens`` are never generated; ``compat.state_offset == -1`` keeps for a
+        codebook token the state that predicted it (the release) instead of its own.
 
         Returns:
             ``(ids, states)``: per row the generated ids (EOS included, padding after it dropped),
@@ -411,6 +453,10 @@ class PixelLM(nn.Module):
         b = embeds.shape[0]
         mask = attention_mask.long()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T), as HF generate
+        if position_ids is not None:
+            positions = position_ids.long()
+        suppress = self.tokenizer.convert_tokens_to_ids(self.config.compat.suppress_tokens)
+        predicting = self.config.compat.state_offset == -1
         cache = DynamicCache() if use_cache else None
         out = lm(
             inputs_embeds=embeds,
@@ -427,9 +473,15 @@ class PixelLM(nn.Module):
         for step in range(max_new_tokens):
             logits = head(last).float()  # (B, V)
             logits[:, vocab:] = float("-inf")
+            if suppress:
+                logits[:, suppress] = float("-inf")
             nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             tokens.append(nxt)
             is_code = torch.isin(nxt, codebook) & ~done
+            if predicting:  # the state that predicted nxt
+                for row in is_code.nonzero().flatten().tolist():
+                    states[row][step] = last[row].clone()
+                is_code = torch.zeros_like(is_code)
             done = done | (nxt == eos)
             if bool(done.all()) or (step + 1 == max_new_tokens and not bool(is_code.any())):
                 break
@@ -478,7 +530,6 @@ class PixelLM(nn.Module):
             states.append(torch.stack(rows) if rows else torch.zeros(0, len(self.codebook.ids), h))
         return answers, states
 
-    # ------------------------------------------------------------------ persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor (LoRA, codebook rows, projections, decoder), detached on CPU."""
         return {
@@ -631,25 +682,43 @@ def build_pixellm(
     passes the stored tokenizer and an empty LLaVA of the stored architecture).
     ``dtype`` / ``device``: how the LLaVA is loaded (see ``build_llava``); the pixel decoder is
     built in fp32 on ``device`` (DeepSpeed casts the trainable parts and keeps fp32 masters).
+    ``cfg.base == "imported"`` builds from a ``pixellm import-authors`` directory instead (see
+    ``pixellm.model.import_authors.build_from_import``).
     """
+    if cfg.base == "imported":
+        from pixellm.model.import_authors import build_from_import
+
+        return build_from_import(cfg)
     processor = processor or build_processor(cfg)
     if llava is None:
         llava = build_llava(
             cfg, processor.tokenizer, processor.codebook.ids, dtype=dtype, device=device
         )
+    factor = cfg.compat.projector_hidden_factor
+    if factor != 1:  # the release's p_V→T is Cv -> 2H -> H; its weights come with the model
+        llava.model.multi_modal_projector = compat.WideProjector(
+            vision_hidden_size=llava.config.vision_config.hidden_size,
+            text_hidden_size=llava.config.text_config.hidden_size,
+            factor=factor,
+        )
     for p in llava.parameters():
         p.requires_grad_(False)
     llm = apply_lora(llava, cfg, processor.codebook.ids)
     base = llm.get_base_model()
+    sizes = {
+        "num_scales": cfg.num_scales,
+        "tokens_per_group": cfg.tokens_per_group,
+        "llm_hidden_size": base.config.text_config.hidden_size,
+        "vision_hidden_size": base.config.vision_config.hidden_size,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.tiny.seed + 1)
-        decoder = build_pixel_decoder(
-            cfg.decoder,
-            num_scales=cfg.num_scales,
-            tokens_per_group=cfg.tokens_per_group,
-            llm_hidden_size=base.config.text_config.hidden_size,
-            vision_hidden_size=base.config.vision_config.hidden_size,
-        )
+        if cfg.compat.decoder == "authors-release":
+            from pixellm.model.compat_decoder import build_authors_decoder
+
+            decoder = build_authors_decoder(cfg.decoder, projector_hidden_factor=factor, **sizes)
+        else:
+            decoder = build_pixel_decoder(cfg.decoder, **sizes)
     if device is not None:
         decoder = decoder.to(device)
     if cfg.gradient_checkpointing:
