@@ -38,8 +38,8 @@ from pixellm.train.checkpoint import (
 from pixellm.train.optim import param_groups
 from pixellm.train.run_tracking import RunLogger
 from pixellm.train.sample_log import SampleLog
-from pixellm.train.validation import load_val_subset
 from pixellm.train.storage import is_uri
+from pixellm.train.validation import load_val_subset
 
 __all__ = ["LOSS_KEYS", "StepStats", "build_training_model", "train_loop_per_worker"]
 
