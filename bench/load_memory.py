@@ -9,9 +9,10 @@ peak RSS is measured on its own:
 - ``old``: the previous path — ``build_pixellm`` in fp32 on the host, then cast to bf16 (what
   DeepSpeed did at ``initialize``) and moved to the GPU when present.
 
-Printed per way: peak host RSS (VmHWM) and the RSS the load added over the process after its
-imports, each as a ratio to the bf16 size of the written weights (target ≤ 1.3× for ``new``), and
-peak CUDA memory when a GPU is present. Default size ≈ 1.0 B parameters (2.0 GB bf16; the old way
+Printed per way: peak host RSS (VmHWM) right after loading and after reading every weight once
+(safetensors are memory-mapped: untouched bf16 weights are not resident yet), and the RSS the load
+added over the process after its imports, each as a ratio to the bf16 size of the written weights
+(target ≤ 1.3× for ``new``), and peak CUDA memory when a GPU is present. Default size ≈ 1.0 B parameters (2.0 GB bf16; the old way
 peaks around 3× that on the host).
 
     python bench/load_memory.py [--layers 18 --hidden 2048 --keep DIR]
@@ -134,12 +135,17 @@ def _load(way: str, weights: Path) -> dict:
         if gpu:
             model = model.to("cuda")
     params = sum(p.numel() for p in model.parameters())
+    loaded_kib = _rss_kib("VmHWM")
+    with torch.no_grad():  # read every weight once, as the first step will (mmap'd pages load)
+        for p in model.parameters():
+            p.sum()
     return {
         "way": way,
         "params": params,
         "dtype": str(next(model.llava.parameters()).dtype),
         "device": str(next(model.llava.parameters()).device),
         "baseline_rss_gib": base_kib / 1024**2,
+        "peak_rss_after_load_gib": loaded_kib / 1024**2,
         "peak_rss_gib": _rss_kib("VmHWM") / 1024**2,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / GIB if gpu else None,
     }
@@ -178,7 +184,7 @@ def main() -> None:
                 raise SystemExit(f"{way} load failed:\n{out.stderr[-3000:]}")
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["load_rss_gib"] = row["peak_rss_gib"] - row["baseline_rss_gib"]
-            for k in ("peak_rss", "load_rss", "peak_cuda"):
+            for k in ("peak_rss_after_load", "peak_rss", "load_rss", "peak_cuda"):
                 v = row[f"{k}_gib"]
                 row[f"{k}_ratio"] = None if v is None else round(v * GIB / size, 3)
             rows.append(row)

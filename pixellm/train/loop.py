@@ -88,7 +88,10 @@ def build_training_model(recipe: Recipe, ds_config: dict[str, Any]) -> Any:
     use_gpu = recipe.train.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     zero3 = zero_stage(ds_config) == 3
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if zero3 else None
+    # Without train_batch_size: DeepSpeed derives it; checked against a world size of 1 here
+    # (deepspeed.comm is not set up yet), the recipe's global batch would be rejected.
+    zero_init = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+    _HF_DS_CONFIG = HfDeepSpeedConfig(zero_init) if zero3 else None
     torch.manual_seed(recipe.train.seed)
     model = build_pixellm(recipe.model, dtype=dtype, device=None if zero3 else device)
     if zero3 and recipe.model.base == "tiny":  # built from config, outside zero.Init
