@@ -177,23 +177,28 @@ def save_rng_state(directory: Path, rank: int) -> None:
     torch.save(state, directory / RNG_SUBDIR / f"rank-{rank}.pt")
 
 
-def load_rng_state(directory: str | Path, rank: int) -> None:
+def load_rng_state(directory: str | Path, rank: int) -> bool:
     """Restore the RNG states ``save_rng_state`` wrote for ``rank``.
 
-    Raises:
-        FileNotFoundError: the checkpoint holds no RNG state for this rank.
+    Returns:
+        False (with a warning: the resumed run will not repeat the uninterrupted one exactly) when
+        the checkpoint holds no RNG state for this rank, e.g. one written before it was saved.
     """
     path = Path(directory) / RNG_SUBDIR / f"rank-{rank}.pt"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} missing: checkpoint {directory} has no RNG state of rank {rank}"
+        warnings.warn(
+            f"{path} missing: checkpoint {directory} has no RNG state of rank {rank}; resuming "
+            "with fresh RNG states (dropout draws will differ from an uninterrupted run)",
+            stacklevel=2,
         )
+        return False
     state = torch.load(path, weights_only=False)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 def check_module_keys(tag_dir: Path, module: Any) -> None:
