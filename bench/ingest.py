@@ -28,7 +28,8 @@ from pixellm.data.collate import collate_batch
 from pixellm.data.corpus import generate_corpus
 from pixellm.data.schema import segmentation_to_rle
 from pixellm.data.shards import build_shards
-from pixellm.data.stream import PreprocessBatch, build_train_dataset, rows_to_columns
+from pixellm.data.stream import PreprocessBatch, rows_to_columns
+from pixellm.data.train_stream import build_train_dataset
 from pixellm.model.codebook import PLACEHOLDER
 
 
@@ -119,7 +120,9 @@ def run_raw(
 
 
 def run_ray(recipe: Recipe, samples: int, batch: int) -> tuple[float, float, int]:
-    ds = build_train_dataset(recipe, "train", samples, seed=0)
+    one_pass = {"epochs": 1, "steps_per_epoch": samples, "micro_batch_size": 1, "grad_accum": 1}
+    train = recipe.train.model_copy(update={**one_pass, "checkpoint_every": 64})
+    ds = build_train_dataset(recipe.model_copy(update={"train": train}), world=1)
     return _time(
         ds.iter_torch_batches(batch_size=batch, collate_fn=collate_batch, drop_last=True), batch
     )

@@ -193,10 +193,22 @@ up_ray() {
   # loopback-bound GCS does not listen. This launcher runs the same `ray start` CLI with exactly those
   # two behaviours switched off; every process it starts keeps RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and
   # --node-ip-address 127.0.0.1, so the worker node stays on loopback.
+  # Supported alternatives checked (Ray 2.60) and why they do not do it: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+  # switches both behaviours together; --node-ip-address 127.0.0.1 is itself passed through
+  # resolve_ip_for_localhost by `ray start`; ray.cluster_utils.Cluster starts nodes from a Python
+  # driver (a test utility), not through the `ray start` CLI this script exists to exercise. The
+  # patch is guarded: a missing attribute stops `up` naming the Ray version, and check_nodes fails
+  # when any registered node is not on 127.0.0.1.
   env "$MARKER" python -c '
 import sys
+import ray
 import ray._private.ray_constants as ray_constants
 import ray._private.services as services
+# Private Ray internals, checked on Ray 2.60 (pyproject pins the range): fail loudly when they move.
+for module, name in ((ray_constants, "ENABLE_RAY_CLUSTER"), (services, "resolve_ip_for_localhost")):
+    if not hasattr(module, name):
+        sys.exit(f"local.sh: Ray {ray.__version__} has no {module.__name__}.{name}; the loopback "
+                 "worker patch in cluster/local.sh was written for Ray 2.60 and must be updated")
 ray_constants.ENABLE_RAY_CLUSTER = True
 services.resolve_ip_for_localhost = lambda host: host
 from ray.scripts.scripts import main
@@ -209,6 +221,37 @@ sys.exit(main())
     --temp-dir "$RAY_TMP" \
     >"$LOG_DIR/ray-worker.log" 2>&1 || { cat "$LOG_DIR/ray-worker.log" >&2; return 1; }
   wait_for 60 "the Ray dashboard" port_open "$DASHBOARD_PORT"
+  check_nodes
+}
+
+check_nodes() {  # both nodes registered, every one on 127.0.0.1; loud failure otherwise
+  local rc deadline=$((SECONDS + 120))
+  while :; do
+    rc=0
+    python - "$DASHBOARD_PORT" <<'PY' || rc=$?
+import sys
+import ray
+from ray.util.state import list_nodes
+try:
+    nodes = [n for n in list_nodes(address=f"http://127.0.0.1:{sys.argv[1]}") if n.state == "ALIVE"]
+except Exception as err:  # the dashboard is still starting
+    print(f"local.sh: node list not ready: {err}", file=sys.stderr)
+    sys.exit(1)
+away = [f"{n.node_name or n.node_id}={n.node_ip}" for n in nodes if n.node_ip != "127.0.0.1"]
+if away:
+    print(f"local.sh: Ray {ray.__version__} put nodes off loopback ({', '.join(away)}); the "
+          "loopback patch in cluster/local.sh no longer works with this Ray version", file=sys.stderr)
+    sys.exit(3)
+sys.exit(0 if len(nodes) >= 2 else 1)
+PY
+    [ "$rc" -eq 0 ] && return 0
+    [ "$rc" -eq 3 ] && return 1
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "timed out waiting for the worker node to register (logs: $LOG_DIR/ray-worker.log)"
+      return 1
+    fi
+    sleep 2
+  done
 }
 
 up_mlflow() {

@@ -13,11 +13,16 @@ from pixellm.config import ConfigError
 from pixellm.train.commands import add_train_arguments, run_train
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, validate, train; returns the exit code."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The job's argument parser (the options of ``pixellm train``)."""
     parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__)
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, validate, train; returns the exit code."""
+    args = build_parser(argv).parse_args(argv)
     try:
         return run_train(args)
     except ConfigError as err:

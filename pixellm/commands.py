@@ -1,4 +1,5 @@
-"""``pixellm quickstart``: the whole platform end to end on the generated corpus."""
+"""``pixellm quickstart``: the whole platform end to end on the generated corpus; and
+``pixellm pretrain-tiny``: its first training stage, a pretrained tiny LLaVA (llava-hf layout)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from pixellm.config import load_recipe
+    from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    opts = PretrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    out = pretrain_tiny(recipe.model, args.shards, args.out, opts)
+    print(
+        f"pretrained tiny LLaVA: {out}  (train with --set model.base=llava model.weights_path={out})"
+    )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``quickstart``."""
+    """Add ``quickstart`` and ``pretrain-tiny``."""
     from pixellm.quickstart import register_arguments
+    from pixellm.train.pretrain import PretrainOptions
 
     p = subparsers.add_parser("quickstart", help="corpus → shards → train → serve → score → report")
     register_arguments(p, _run)
+    d = PretrainOptions()
+    p = subparsers.add_parser(
+        "pretrain-tiny",
+        help="pretrain the tiny LLaVA of a recipe on shards; save it in the llava-hf layout",
+        description="Reused when the output directory holds a run with the same inputs.",
+    )
+    p.add_argument("--recipe", default="platform/recipes/tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--shards", required=True, help="shards root (one directory per corpus)")
+    p.add_argument("--out", required=True, help="output llava-hf directory")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_pretrain)

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "CompatConfig",
     "ConfigError",
     "DataConfig",
     "DecoderConfig",
@@ -30,9 +31,11 @@ __all__ = [
     "ServeConfig",
     "TinyBackboneConfig",
     "TrainConfig",
+    "answer_token_budget",
     "apply_overrides",
     "load_recipe",
     "recipe_hash",
+    "target_tokens",
 ]
 
 
@@ -94,13 +97,67 @@ class LossConfig(_Strict):
     lambda_ref: float = Field(2.0, ge=0.0)
     lambda_dice: float = Field(0.5, ge=0.0)
     alpha: float = Field(2.0, ge=1.0)  # weight of pixels where >=2 predicted masks are positive
+    lambda_score: float = Field(1.0, ge=0.0)  # MSE of the predicted mask IoU (score head)
+
+
+_AUTHORS_RELEASE: dict[str, Any] = {
+    "normalization": "imagenet",
+    "resize_rounding": "half_up",
+    "mask_padded_patches": True,
+    "mask_padded_image_tokens": True,
+    "projector_hidden_factor": 2,
+    "image_wrap_tokens": True,
+    "split_added_tokens": True,
+    "codebook_tokens": "authors",
+    "state_offset": -1,
+    "decoder": "authors-release",
+    "max_new_tokens": 512,
+    "suppress_tokens": ["<image>"],
+    "broken_run": "drop_all",
+}
+
+
+class CompatConfig(_Strict):
+    """Behaviours where the authors' released PixelLM departs from the paper (default: the paper).
+
+    ``preset: authors-release`` fills every field not given explicitly with the value that
+    reproduces the released checkpoints (``pixellm import-authors`` writes it); ``preset: paper``
+    keeps our paper-faithful defaults. Each field is one behaviour, see
+    ``/work/shared/reference/authors-checkpoint-facts.md``.
+    """
+
+    preset: Literal["paper", "authors-release"] = "paper"
+    normalization: Literal["clip", "imagenet"] = "clip"  # CLIP mean/std vs ImageNet 0-255 scale
+    resize_rounding: Literal["round", "half_up"] = "round"  # round() vs int(x + 0.5)
+    mask_padded_patches: bool = False  # padded CLIP patches masked as attention keys in the ViT
+    mask_padded_image_tokens: bool = False  # padded LLM image tokens masked, positions contiguous
+    projector_hidden_factor: int = Field(1, ge=1)  # p_V→T and p_V→D hidden width = factor x H
+    image_wrap_tokens: bool = False  # <im_start> <image>… <im_end> around the image tokens
+    # the release's slow tokenizer (transformers 4.31): text split at added tokens, whitespace
+    # next to them dropped, each piece encoded on its own
+    split_added_tokens: bool = False
+    codebook_tokens: Literal["ours", "authors"] = "ours"  # <seg_l_n> vs [SEG0]…[SEG{L*N-1}]
+    state_offset: Literal[0, -1] = 0  # 0: state at the codebook token; -1: the state predicting it
+    decoder: Literal["paper", "authors-release"] = "paper"  # pixellm/model/compat_decoder.py
+    max_new_tokens: int | None = Field(None, gt=0)  # fixed generation budget (None: the caller's)
+    suppress_tokens: list[str] = Field(default_factory=list)  # never generated
+    broken_run: Literal["drop_run", "drop_all"] = "drop_run"  # drop_all: codebook tokens not a
+    # multiple of L*N drop every mask of that answer (release); drop_run: only the broken run
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "authors-release":
+            return {**_AUTHORS_RELEASE, **data}
+        return data
 
 
 class ModelConfig(_Strict):
     """PixelLM architecture. ``feature_layers`` fixes L; ``tokens_per_group`` is N."""
 
-    base: Literal["tiny", "llava"] = "tiny"
-    weights_path: str | None = None  # local HF llava directory, required when base == "llava"
+    base: Literal["tiny", "llava", "imported"] = "tiny"
+    # llava: a local HF llava directory; imported: a ``pixellm import-authors`` output directory
+    weights_path: str | None = None
     image_size: int = Field(224, ge=32)  # 448 for the real models (CLIP pos-emb interpolated)
     feature_layers: list[int] = Field(default_factory=lambda: [-1, -3], min_length=1)
     llm_image_grid: int = Field(7, gt=0)  # deepest layer pooled to grid x grid image tokens
@@ -115,6 +172,7 @@ class ModelConfig(_Strict):
     decoder: DecoderConfig = DecoderConfig(dim=64, depth=2, heads=4, mlp_dim=256)
     lora: LoraConfig = LoraConfig()
     loss: LossConfig = LossConfig()
+    compat: CompatConfig = CompatConfig()
 
     @property
     def num_scales(self) -> int:
@@ -123,8 +181,8 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.base == "llava" and not self.weights_path:
-            raise ValueError("model.weights_path is required when model.base is 'llava'")
+        if self.base in ("llava", "imported") and not self.weights_path:
+            raise ValueError(f"model.weights_path is required when model.base is {self.base!r}")
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ValueError(f"model.feature_layers has duplicates: {self.feature_layers}")
         if self.base == "tiny":
@@ -156,12 +214,16 @@ class DataConfig(_Strict):
     max_targets: int = Field(9, ge=1)  # a sample with more targets is rejected by preprocessing
     shuffle_seed: int = 0
     preprocess_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data preprocessing task
+    preprocess_actors: int | None = Field(None, ge=1)  # one pool per run; None = CPUs left / cpus
+    prefetch_batches: int = Field(2, ge=0)  # micro-batches prefetched per worker
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         bad = {k: v for k, v in self.mixture.items() if v < 0}
         if bad or not any(v > 0 for v in self.mixture.values()):
-            raise ValueError(f"data.mixture needs non-negative ratios with one > 0, got {self.mixture}")
+            raise ValueError(
+                f"data.mixture needs non-negative ratios with one > 0, got {self.mixture}"
+            )
         return self
 
 
@@ -173,6 +235,11 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(2, gt=0)  # per worker
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(3e-4, gt=0)
+    # per-group peak rates (pixellm.train.optim); null = train.lr
+    lr_decoder: float | None = Field(None, gt=0)  # pixel decoder, its projections, p_V→T
+    lr_lora: float | None = Field(None, gt=0)
+    lr_codebook: float | None = Field(None, gt=0)  # codebook rows of embeddings and lm_head
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # schedule floor = ratio × each group's peak
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(5, ge=0)
@@ -191,6 +258,9 @@ class TrainConfig(_Strict):
     run_name: str = "pixellm-tiny"  # resubmitting with the same name resumes
     export_dir: str | None = None  # default: <storage_path>/<run_name>/model
     log_every: int = Field(1, gt=0)
+    sample_log: bool = False  # audit log <storage_path>/<run_name>/samples/rank-<r>.jsonl
+    eval_every: int = Field(0, ge=0)  # steps between val/giou evaluations (0 = off)
+    eval_samples: int = Field(8, gt=0)  # fixed val subset (data.val_split), sharded across ranks
 
     @property
     def global_batch_size(self) -> int:
@@ -224,7 +294,11 @@ class ServeConfig(_Strict):
     max_replicas: int = Field(1, gt=0)
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     max_question_chars: int = Field(2000, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+    # generation budget per answer; null = derived from data.max_targets and the codebook
+    # (``answer_token_budget``) so that no valid answer is cut
+    max_new_tokens: int | None = Field(None, gt=0)
+    num_cpus: float = Field(1.0, gt=0)  # Ray CPUs per replica (torch threads follow it)
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs per replica; > 0 puts the model on CUDA
     # Auth token: $PIXELLM_SERVE_TOKEN or the first line of this file (never the config itself).
     bearer_token_file: str | None = None
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
@@ -262,11 +336,52 @@ class Recipe(_Strict):
     mlflow: MlflowConfig = MlflowConfig()
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_max_new_tokens(cls, data: Any) -> Any:
+        """``serve.max_new_tokens: null`` (or absent) → ``answer_token_budget`` of the recipe."""
+        if not isinstance(data, dict):
+            return data
+        serve = data.get("serve") or {}
+        if not isinstance(serve, dict) or serve.get("max_new_tokens") is not None:
+            return data
+        try:  # invalid sections are reported by the main validation, not here
+            model = ModelConfig.model_validate(data.get("model") or {})
+            max_targets = DataConfig.model_validate(data.get("data") or {}).max_targets
+        except (ValidationError, TypeError):
+            return data
+        budget = answer_token_budget(model, max_targets)
+        return {**data, "serve": {**serve, "max_new_tokens": budget}}
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if self.train.use_gpu and self.train.gpus_per_worker <= 0:
             raise ValueError("train.gpus_per_worker must be > 0 when train.use_gpu is true")
+        one_target = target_tokens(self.model) + 1  # one codebook run + EOS
+        if self.serve.max_new_tokens is not None and self.serve.max_new_tokens < one_target:
+            raise ValueError(
+                f"serve.max_new_tokens={self.serve.max_new_tokens} cannot hold one target: a target "
+                f"is {target_tokens(self.model)} codebook tokens (L={self.model.num_scales} x "
+                f"N={self.model.tokens_per_group}) + EOS = {one_target}; set at least {one_target} "
+                f"or null (derived: {answer_token_budget(self.model, self.data.max_targets)})"
+            )
         return self
+
+
+TEXT_TOKENS_PER_TARGET = 10  # "the large magenta hexagon" + separator, tokens (tiny BPE ≈ 6)
+TEXT_TOKENS_FIXED = 8  # closing period, EOS and slack
+
+
+def target_tokens(model: ModelConfig) -> int:
+    """Codebook tokens of one target, L × N."""
+    return model.num_scales * model.tokens_per_group
+
+
+def answer_token_budget(model: ModelConfig, max_targets: int) -> int:
+    """Generation budget that holds an answer with ``max_targets`` targets (the derived default
+    of ``serve.max_new_tokens``): ``max_targets × (L·N + 10) + 8`` tokens."""
+    per_target = target_tokens(model) + TEXT_TOKENS_PER_TARGET
+    return max_targets * per_target + TEXT_TOKENS_FIXED
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -317,7 +432,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"recipe {source} does not exist")
         loaded = yaml.safe_load(p.read_text())
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {source} must be a YAML mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"recipe {source} must be a YAML mapping, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
     tree = apply_overrides(tree, overrides)
     try:

@@ -54,7 +54,7 @@ def _collate(batch: dict[str, Any], pad_id: int | None) -> dict[str, Any]:
         torch.from_numpy(unpack_masks(m, s).astype(np.float32))  # (K_b, h_b, w_b)
         for m, s in zip(batch["gt_masks"], batch["mask_shape"], strict=True)
     ]
-    return {
+    out = {
         "pixel_values": pixel_values,  # (B, 3, S, S)
         "valid_hw": torch.as_tensor(
             np.stack([np.asarray(v) for v in batch["valid_hw"]]), dtype=torch.long
@@ -65,6 +65,9 @@ def _collate(batch: dict[str, Any], pad_id: int | None) -> dict[str, Any]:
         "gt_masks": gt_masks,
         "sample_id": [str(s) for s in batch["sample_id"]],
     }
+    if "step" in batch:  # the training stream's optimizer step of each row (B,)
+        out["step"] = [int(s) for s in batch["step"]]
+    return out
 
 
 def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -79,7 +82,8 @@ def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         ``pixel_values`` FloatTensor ``(B, 3, S, S)``, ``valid_hw`` LongTensor ``(B, 2)``,
         ``input_ids`` LongTensor ``(B, T)`` right-padded with the pad id, ``attention_mask``
         LongTensor ``(B, T)``, ``labels`` LongTensor ``(B, T)`` padded with -100, ``gt_masks`` list of
-        B FloatTensors ``(K_b, h_b, w_b)`` in {0, 1}, ``sample_id`` list of B str.
+        B FloatTensors ``(K_b, h_b, w_b)`` in {0, 1}, ``sample_id`` list of B str, and ``step``
+        (list of B int) when the batch has a ``step`` column (the training stream).
 
     Raises:
         ValueError: the batch is empty.

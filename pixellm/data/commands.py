@@ -8,7 +8,13 @@ import time
 
 from pixellm.data.schema import CORPUS_BY_FORMAT, FORMATS
 
-__all__ = ["add_build_arguments", "register", "run_build"]
+__all__ = [
+    "add_build_all_arguments",
+    "add_build_arguments",
+    "register",
+    "run_build",
+    "run_build_all",
+]
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -54,9 +60,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Build shards from parsed ``add_build_arguments`` options; prints a JSON summary."""
+    """Build shards from parsed ``add_build_arguments`` options.
+
+    Prints the quarantine summary (one line per reject reason), then a JSON summary as the last
+    line. An input file that cannot be read prints ``error: <file>: <problem>`` and returns 2.
+    """
     from pixellm.data.formats import DataError
-    from pixellm.data.shards import build_shards
+    from pixellm.data.shards import build_shards, reject_summary
 
     try:
         result = build_shards(
@@ -70,10 +80,11 @@ def run_build(args: argparse.Namespace) -> int:
             row_group_size=args.row_group_size,
             engine=args.engine,
         )
-    except DataError as err:
+    except DataError as err:  # a file-level problem: one line, no traceback
         print(f"error: {err}", flush=True)
         return 2
     m = result.manifest
+    print("\n".join(reject_summary(m)), flush=True)
     print(
         json.dumps(
             {
@@ -87,6 +98,38 @@ def run_build(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def add_build_all_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``pixellm shards build-all`` (shared with jobs/prepare_shards.py)."""
+    parser.add_argument(
+        "--recipe", required=True, help="recipe YAML: data.mixture, data.shards_root"
+    )
+    parser.add_argument(
+        "--sources", required=True, help="sources YAML (platform/data/sources.example.yaml)"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides"
+    )
+    parser.add_argument("--out", default=None, help="shards root (default: data.shards_root)")
+    parser.add_argument(
+        "--engine", choices=("ray", "local"), default="ray", help="ray = Ray Data job (default)"
+    )
+
+
+def run_build_all(args: argparse.Namespace) -> int:
+    """Build every corpus of the sources file (``pixellm.data.build_all``); prints a JSON summary."""
+    from pixellm.config import ConfigError
+    from pixellm.data.build_all import build_all
+    from pixellm.data.formats import DataError
+
+    try:
+        summary = build_all(args.recipe, args.sources, args.set, args.out, args.engine)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", flush=True)
+        return 2
+    print(json.dumps(summary))
     return 0
 
 
@@ -106,3 +149,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = shards_sub.add_parser("build", help="convert one corpus to shards + manifest.json")
     add_build_arguments(build)
     build.set_defaults(func=run_build)
+    build_all = shards_sub.add_parser(
+        "build-all", help="every corpus a recipe's mixture needs, from a sources YAML"
+    )
+    add_build_all_arguments(build_all)
+    build_all.set_defaults(func=run_build_all)

@@ -9,7 +9,8 @@ the assistant text is the k-th target. Masks are COCO RLE as pycocotools produce
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "TASKS",
     "BadSegmentation",
     "Reject",
+    "RejectReason",
     "bbox_of_rle",
     "encode_mask",
     "rle_to_mask",
@@ -71,24 +73,64 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
+class RejectReason(StrEnum):
+    """The closed set of reasons a record is quarantined (table in ``pixellm/data/README.md``)."""
+
+    # converters (pixellm.data.formats): the record itself
+    MALFORMED_RECORD = "malformed_record"  # fails its format's record model
+    INVALID_TEXT = "invalid_text"  # a string that is not valid UTF-8 (lone surrogate)
+    DUPLICATE_ID = "duplicate_id"  # an id that must be unique repeats; every holder rejected
+    BAD_REFERENCE = "bad_reference"  # points at an id that is missing or rejected
+    IMAGE_PATH_ESCAPE = "image_path_escape"  # image name absolute or leaving --images
+    NO_TARGET = "no_target"  # ReasonSeg file without a target shape
+    # writer (pixellm.data.writer): the row built from it
+    EMPTY_QUESTION = "empty_question"
+    SEG_COUNT_MISMATCH = "seg_count_mismatch"
+    IMAGE_MISSING = "image_missing"
+    IMAGE_UNREADABLE = "image_unreadable"
+    IMAGE_FORMAT = "image_format"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_SIZE_MISMATCH = "image_size_mismatch"
+    MALFORMED_SEGMENTATION = "malformed_segmentation"
+    SEGMENTATION_OUT_OF_BOUNDS = "segmentation_out_of_bounds"
+    SEGMENTATION_SIZE_MISMATCH = "segmentation_size_mismatch"
+
+
 @dataclass(frozen=True)
 class Reject:
-    """One quarantined input record: where it came from, why, and the detail."""
+    """One quarantined input record: the file and record it came from, why, and the detail.
 
-    source: str  # file (and record index) the bad input came from
-    reason: str  # short machine-readable code, e.g. "image_missing"
+    ``record`` is the record's index or id inside ``file`` (``"[7]"``, ``"images[3]"``,
+    ``"image 12"``); ``reason`` must be a ``RejectReason`` (an unknown code raises ValueError).
+    """
+
+    file: str
+    record: str
+    reason: RejectReason
     detail: str  # human-readable explanation naming the value seen
     sample_id: str | None = None
     split: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", RejectReason(self.reason))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "file": self.file,
+            "record": self.record,
+            "reason": self.reason.value,
+            "detail": self.detail,
+            "sample_id": self.sample_id,
+            "split": self.split,
+        }
 
 
 class BadSegmentation(ValueError):
     """A polygon or RLE that does not fit its image (``reason`` is the manifest code)."""
 
-    def __init__(self, message: str, reason: str = "segmentation_out_of_bounds"):
+    def __init__(
+        self, message: str, reason: RejectReason = RejectReason.SEGMENTATION_OUT_OF_BOUNDS
+    ):
         super().__init__(message)
         self.reason = reason
 
@@ -99,12 +141,12 @@ def _check_polygons(polys: list, h: int, w: int) -> None:
             raise BadSegmentation(
                 f"polygon {i} must be a flat [x0, y0, x1, y1, ...] list of >= 3 points, got "
                 f"{str(poly)[:80]}",
-                "malformed_segmentation",
+                RejectReason.MALFORMED_SEGMENTATION,
             )
         xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if not np.isfinite(xy).all():
             raise BadSegmentation(
-                f"polygon {i} has non-finite coordinates", "malformed_segmentation"
+                f"polygon {i} has non-finite coordinates", RejectReason.MALFORMED_SEGMENTATION
             )
         # pycocotools silently clips outside points; a polygon outside the image is a wrong record.
         if (
@@ -135,14 +177,15 @@ def segmentation_to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
     """
     if isinstance(seg, list):
         if not seg:
-            raise BadSegmentation("empty polygon list", "malformed_segmentation")
+            raise BadSegmentation("empty polygon list", RejectReason.MALFORMED_SEGMENTATION)
         _check_polygons(seg, h, w)
         rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in seg], h, w))
     elif isinstance(seg, dict) and "size" in seg and "counts" in seg:
         size = list(seg["size"])
         if size != [h, w]:
             raise BadSegmentation(
-                f"RLE size {size} != image (h, w)=({h}, {w})", "segmentation_size_mismatch"
+                f"RLE size {size} != image (h, w)=({h}, {w})",
+                RejectReason.SEGMENTATION_SIZE_MISMATCH,
             )
         counts = seg["counts"]
         if isinstance(counts, list):
@@ -150,7 +193,7 @@ def segmentation_to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
                 raise BadSegmentation(
                     f"uncompressed RLE covers {sum(int(c) for c in counts)} pixels, image has "
                     f"{h * w}",
-                    "segmentation_size_mismatch",
+                    RejectReason.SEGMENTATION_SIZE_MISMATCH,
                 )
             rle = mask_utils.frPyObjects({"size": size, "counts": counts}, h, w)
         elif isinstance(counts, (str, bytes)):
@@ -160,21 +203,22 @@ def segmentation_to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
                 covered = _rle_pixels(raw)
             except ValueError as err:
                 raise BadSegmentation(
-                    f"corrupt RLE counts: {err}", "malformed_segmentation"
+                    f"corrupt RLE counts: {err}", RejectReason.MALFORMED_SEGMENTATION
                 ) from None
             if covered > h * w:
                 raise BadSegmentation(
-                    f"RLE covers {covered} pixels, image has {h * w}", "segmentation_size_mismatch"
+                    f"RLE covers {covered} pixels, image has {h * w}",
+                    RejectReason.SEGMENTATION_SIZE_MISMATCH,
                 )
         else:
             raise BadSegmentation(
                 f"RLE counts must be a list or str, got {type(counts).__name__}",
-                "malformed_segmentation",
+                RejectReason.MALFORMED_SEGMENTATION,
             )
     else:
         raise BadSegmentation(
             f"segmentation must be polygons or an RLE dict, got {type(seg).__name__}",
-            "malformed_segmentation",
+            RejectReason.MALFORMED_SEGMENTATION,
         )
     counts = rle["counts"]
     return {"size": [h, w], "counts": counts.decode() if isinstance(counts, bytes) else counts}

@@ -7,8 +7,10 @@ Layout of one corpus directory (a local path or any pyarrow filesystem URI)::
 
 Each shard is written to a temporary name and renamed, so a reader never sees half a file; a
 re-run skips every shard that already exists (its row count and rejects are read back from the
-Parquet footer metadata). Bad input rows are quarantined: counted by reason and named in the
-manifest, never fatal.
+Parquet footer metadata, together with the key of the job that wrote it: a shard from different
+specs is rewritten). Bad input records are quarantined: counted by reason and named (file, record
+index or id, detail) in the manifest, never fatal. A re-run — after success or after a kill midway —
+gives the same rows and the same manifest.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import pyarrow.fs as pafs
 
 from pixellm.data.formats import parse_format
 from pixellm.data.schema import CORPUS_BY_FORMAT, SCHEMA_VERSION, Reject
-from pixellm.data.writer import materialize, resolve_fs, write_shard, write_shard_row
+from pixellm.data.writer import (
+    MAX_IMAGE_PIXELS,
+    materialize,
+    resolve_fs,
+    write_shard,
+    write_shard_row,
+)
 from pixellm.model.codebook import PLACEHOLDER
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "build_shards",
     "materialize",
     "read_manifest",
+    "reject_summary",
     "resolve_fs",
     "write_shard",
 ]
@@ -88,15 +97,29 @@ def _write_manifest(fs: pafs.FileSystem, base: str, manifest: dict) -> None:
     fs.move(tmp, f"{base}/manifest.json")
 
 
+def _reject_order(r: dict) -> tuple:
+    keys = ("split", "file", "record", "reason", "sample_id")  # .get: manifests before "file"
+    return tuple(str(r.get(k) or "") for k in keys)
+
+
 def _manifest(
-    old: dict | None, fmt: str, corpus: str, results: list[dict], rejects: list[Reject]
+    old: dict | None,
+    fmt: str,
+    corpus: str,
+    results: list[dict],
+    rejects: list[Reject],
+    rebuilt: set[str],
 ) -> dict:
-    rebuilt = {r["split"] for r in results} | {r.split for r in rejects if r.split}
+    """The new manifest: ``rebuilt`` splits replaced, other splits of ``old`` kept.
+
+    Rejects with no split come from a file every split shares (refer's ``instances.json``); every
+    build re-reads it, so old ones are always replaced — a re-run never accumulates rejects.
+    """
     splits = {k: v for k, v in ((old or {}).get("splits") or {}).items() if k not in rebuilt}
     kept_rejects = [
         r
         for r in ((old or {}).get("rejected") or {}).get("rows", [])
-        if r.get("split") not in rebuilt
+        if r.get("split") is not None and r.get("split") not in rebuilt
     ]
     for r in results:
         entry = splits.setdefault(r["split"], {"rows": 0, "shards": []})
@@ -105,6 +128,7 @@ def _manifest(
     rows = (
         kept_rejects + [x.to_dict() for x in rejects] + [x for r in results for x in r["rejected"]]
     )
+    rows.sort(key=_reject_order)
     return {
         "schema_version": SCHEMA_VERSION,
         "format": fmt,
@@ -118,6 +142,18 @@ def _manifest(
     }
 
 
+def reject_summary(manifest: dict[str, Any], examples: int = 1) -> list[str]:
+    """Human-readable lines: rows kept, then one line per reject reason with an example."""
+    rows = sum(v["rows"] for v in manifest["splits"].values())
+    rej = manifest["rejected"]
+    lines = [f"{manifest['corpus']}: {rows} rows written, {rej['count']} records quarantined"]
+    for reason, n in rej["by_reason"].items():
+        first = [r for r in rej["rows"] if r["reason"] == reason][:examples]
+        eg = "; ".join(f"{r['file']} {r['record']}: {r['detail']}" for r in first)
+        lines.append(f"  {reason:28s} {n:7d}  e.g. {eg[:160]}")
+    return lines
+
+
 def build_shards(
     fmt: str,
     input_path: str | Path,
@@ -128,6 +164,7 @@ def build_shards(
     rows_per_shard: int = 256,
     row_group_size: int = 64,
     engine: str = "ray",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> BuildResult:
     """Convert one corpus to Parquet shards plus ``manifest.json`` (see the module docstring).
 
@@ -141,6 +178,7 @@ def build_shards(
         rows_per_shard: row specs per Parquet file.
         row_group_size: rows per Parquet row group (bounds reader memory; images are large).
         engine: ``"ray"`` (a Ray Data job: one task per shard) or ``"local"`` (in-process).
+        max_pixels: images whose header claims more pixels are rejected (``image_too_large``).
 
     Returns:
         A ``BuildResult``.
@@ -149,10 +187,10 @@ def build_shards(
         DataError: the input cannot be read at all.
         ValueError: bad arguments.
     """
-    if rows_per_shard < 1 or row_group_size < 1 or engine not in ("ray", "local"):
+    if rows_per_shard < 1 or row_group_size < 1 or max_pixels < 1 or engine not in ("ray", "local"):
         raise ValueError(
-            f"need rows_per_shard >= 1, row_group_size >= 1, engine ray|local; got {rows_per_shard}, "
-            f"{row_group_size}, {engine!r}"
+            f"need rows_per_shard >= 1, row_group_size >= 1, max_pixels >= 1, engine ray|local; "
+            f"got {rows_per_shard}, {row_group_size}, {max_pixels}, {engine!r}"
         )
     start = time.perf_counter()
     specs, rejects = parse_format(fmt, input_path, images, corpus, split)
@@ -165,6 +203,7 @@ def build_shards(
             "specs": rows[i : i + rows_per_shard],
             "row_group_size": row_group_size,
             "placeholder": PLACEHOLDER,
+            "max_pixels": max_pixels,
         }
         for sp, rows in sorted(specs.items())
         for i in range(0, len(rows), rows_per_shard)
@@ -173,9 +212,10 @@ def build_shards(
     fs, base = resolve_fs(out)
     fs.create_dir(base, recursive=True)
     keep = {r["path"] for r in results}
-    for sp in specs:
+    rebuilt = set(specs) | {r.split for r in rejects if r.split}
+    for sp in sorted(rebuilt):
         _cleanup(fs, base, sp, keep)
-    manifest = _manifest(read_manifest(out), fmt, name, results, rejects)
+    manifest = _manifest(read_manifest(out), fmt, name, results, rejects, rebuilt)
     _write_manifest(fs, base, manifest)
     skipped = sum(r["skipped"] for r in results)
     return BuildResult(manifest, len(results) - skipped, skipped, time.perf_counter() - start)

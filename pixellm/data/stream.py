@@ -5,31 +5,27 @@ h x w = mask size after capping the longest side at ``data.mask_max_size``.
 
 Mixing (why not ``Dataset.mix``): with ``streaming_split`` the per-rank ratios of ``Dataset.mix``
 drift (platform facts: 0.67/0.33 for a 0.75/0.25 mix), and a global random shuffle leaves each rank
-a binomial draw (about ±1.6 points at 1,000 rows). Instead a small *plan* is made on the driver:
+a binomial draw (about ±1.6 points at 1,000 rows). Instead a small *plan* is made up front:
 
-1. each corpus gets exactly ``round(num_samples * ratio)`` rows (largest remainder), drawn by passes
-   over its row groups in random order, rows shuffled inside a row group, repeated when the corpus is
-   smaller than its share (sampling without replacement within a pass);
-2. the j-th of a corpus's n rows gets the key ``(j + u) / n`` with u ~ U(0, 1) (jittered
-   stratification), and the plan is sorted by key — every window of the plan holds each corpus in
-   its ratio up to one row, in a random order;
-3. the plan is cut into chunks of ``CHUNK_ROWS``; one chunk = one Ray Data block. Fetching a chunk
-   reads only the row groups it names (consecutive rows of a corpus share a row group, so reads are
-   not amplified), then ``PreprocessBatch`` runs in an actor pool.
+1. each rank's sequence gets exactly ``round(n * ratio)`` rows of each corpus (largest remainder),
+   drawn by passes over the corpus's row groups in random order, rows shuffled inside a row group,
+   repeated when the corpus is smaller than its share (no row twice within a pass, across ranks);
+2. inside a rank's sequence the j-th of a corpus's n rows gets the key ``(j + u) / n`` with
+   u ~ U(0, 1) (jittered stratification), sorted by key — every window holds each corpus in its
+   ratio up to a row, in a random order;
+3. the plan names shards by index into a small shard table (``Plan``: 3 integers per sample).
 
-Because every block is itself mixed in ratio, any way ``streaming_split(n, equal=True)`` hands out
-blocks keeps each rank's ratios within a row or two per block. Memory stays bounded: the plan holds
-four small values per sample, and blocks stream through the object store.
+The training stream built from the plan lives in ``pixellm.data.train_stream``.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,9 +43,8 @@ from pixellm.model.codebook import PLACEHOLDER
 
 __all__ = [
     "CHUNK_ROWS",
-    "PlanChunkPreprocess",
+    "Plan",
     "PreprocessBatch",
-    "build_train_dataset",
     "fetch_rows",
     "iter_local_batches",
     "make_plan",
@@ -60,10 +55,39 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 64  # plan rows per Ray Data block
 _COLUMNS = ["sample_id", "corpus", "image", "height", "width", "conversation", "targets"]
-PlanEntry = tuple[str, str, int, int]  # (corpus, shard path/URI, row group, row in group)
 
 
 # ---------------------------------------------------------------- plan
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A sample plan: shard rows named by index into a small shard table.
+
+    Attributes:
+        shards: ``(corpus, shard path/URI)`` per shard index.
+        rows: ``(N, 3)`` int64: shard index, row group, row in group — one line per sample.
+    """
+
+    shards: tuple[tuple[str, str], ...]
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> Plan:
+        return Plan(self.shards, self.rows[index])
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Plan)
+            and self.shards == other.shards
+            and np.array_equal(self.rows, other.rows)
+        )
+
+    def corpora(self) -> list[str]:
+        """Corpus of every sample, in plan order."""
+        return [self.shards[int(i)][0] for i in self.rows[:, 0]]
+
+
 def mixture_counts(mixture: dict[str, float], num_samples: int) -> dict[str, int]:
     """Rows per corpus: ``num_samples`` split by ratio (largest remainder; ratio 0 → absent)."""
     live = {k: v for k, v in sorted(mixture.items()) if v > 0}
@@ -98,32 +122,56 @@ def _corpus_units(shards_root: str, corpus: str, split: str) -> list[tuple[str, 
     ]
 
 
-def _corpus_order(units: list[tuple[str, int, int]], count: int, rng: np.random.Generator) -> list:
-    out: list[tuple[str, int, int]] = []
-    while len(out) < count:  # one pass = every row once; repeat when the corpus is small
+def _corpus_order(units: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` rows ``(shard index, group, row)`` from ``units`` ``(U, 3)`` = (shard, group, n)."""
+    out: list[np.ndarray] = []
+    got = 0
+    while got < count:  # one pass = every row once; repeat when the corpus is small
         for u in rng.permutation(len(units)):
-            path, group, n = units[int(u)]
-            out += [(path, group, int(r)) for r in rng.permutation(n)]
-            if len(out) >= count:
+            shard, group, n = (int(v) for v in units[int(u)])
+            rows = rng.permutation(n)
+            out.append(np.stack([np.full(n, shard), np.full(n, group), rows], axis=1))
+            got += n
+            if got >= count:
                 break
-    return out[:count]
+    return np.concatenate(out)[:count].astype(np.int64) if out else np.zeros((0, 3), np.int64)
 
 
-def make_plan(data: DataConfig, split: str, num_samples: int, seed: int) -> list[PlanEntry]:
+def make_plan(data: DataConfig, split: str, num_samples: int, seed: int, ranks: int = 1) -> Plan:
     """The mixed, shuffled sample plan (see the module docstring).
+
+    Args:
+        data: ``mixture`` and ``shards_root``.
+        split: shard split to read.
+        num_samples: samples per rank.
+        seed: sampling seed (with ``data.shuffle_seed``).
+        ranks: number of rank sequences; rank r's samples are
+            ``plan[r * num_samples : (r + 1) * num_samples]``, each sequence mixed in ratio on its own
+            (exact counts per corpus, stratified order), and no row appears twice within a pass over
+            a corpus, across ranks included.
 
     Raises:
         DataError: a corpus with ratio > 0 has no shards for ``split``.
     """
     rng = np.random.default_rng([seed, data.shuffle_seed])
-    entries: list[PlanEntry] = []
-    keys: list[np.ndarray] = []
+    shards: list[tuple[str, str]] = []
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(ranks)]
     for corpus, n in mixture_counts(data.mixture, num_samples).items():
-        order = _corpus_order(_corpus_units(data.shards_root, corpus, split), n, rng)
-        entries += [(corpus, p, g, r) for p, g, r in order]
-        keys.append((np.arange(n) + rng.random(n)) / max(n, 1))
-    idx = np.argsort(np.concatenate(keys) if keys else np.zeros(0), kind="stable")
-    return [entries[int(i)] for i in idx]
+        units = _corpus_units(data.shards_root, corpus, split)
+        table = {p: i for i, p in enumerate(dict.fromkeys(p for p, _, _ in units))}
+        base = len(shards)
+        shards += [(corpus, p) for p in table]
+        arr = np.asarray([(base + table[p], g, k) for p, g, k in units], dtype=np.int64)
+        order = _corpus_order(arr, n * ranks, rng)
+        for r in range(ranks):
+            keys = (np.arange(n) + rng.random(n)) / max(n, 1)
+            parts[r].append((order[r * n : (r + 1) * n], keys))
+    seqs = []
+    for rank_parts in parts:
+        rows = np.concatenate([p for p, _ in rank_parts]) if rank_parts else np.zeros((0, 3))
+        keys = np.concatenate([k for _, k in rank_parts]) if rank_parts else np.zeros(0)
+        seqs.append(rows[np.argsort(keys, kind="stable")])
+    return Plan(tuple(shards), np.concatenate(seqs).astype(np.int64).reshape(-1, 3))
 
 
 # ---------------------------------------------------------------- fetch
@@ -145,9 +193,9 @@ def _row_group(path: str, group: int) -> pa.Table:
     return table
 
 
-def fetch_rows(entries: list[PlanEntry]) -> pa.Table:
-    """Read the shard rows a plan chunk names, in plan order (reads each row group once)."""
-    parts = [_row_group(p, g).slice(r, 1) for _, p, g, r in entries]
+def fetch_rows(plan: Plan) -> pa.Table:
+    """Read the shard rows a plan (or a slice of one) names, in plan order."""
+    parts = [_row_group(plan.shards[int(s)][1], int(g)).slice(int(r), 1) for s, g, r in plan.rows]
     if not parts:
         return pa.table({})
     return pa.concat_tables(parts)
@@ -281,25 +329,6 @@ class PreprocessBatch:
             return [r for r in (self._row(row) for row in rows) if r is not None]
 
 
-class PlanChunkPreprocess:
-    """``map_batches`` UDF over plan chunks: fetch the named shard rows, then ``PreprocessBatch``.
-
-    Args:
-        model: the recipe's model section.
-        data: the recipe's data section.
-    """
-
-    def __init__(self, model: ModelConfig, data: DataConfig):
-        self.preprocess = PreprocessBatch(model, data)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        rows: list[dict[str, Any]] = []
-        for chunk in batch["chunk"].to_pylist():
-            rows += fetch_rows([tuple(e) for e in json.loads(chunk)]).to_pylist()
-        out = self.preprocess.process_rows(rows)
-        return rows_to_columns(out, self.preprocess.model.image_size)
-
-
 def rows_to_columns(rows: list[dict[str, Any]], image_size: int) -> dict[str, np.ndarray]:
     """Preprocessed rows → the column dict ``map_batches`` emits (ragged columns as object arrays)."""
 
@@ -326,52 +355,15 @@ def rows_to_columns(rows: list[dict[str, Any]], image_size: int) -> dict[str, np
     }
 
 
-# ---------------------------------------------------------------- datasets
 def _plan_length(num_samples: int) -> int:
     """Plan rows: a margin over ``num_samples`` so rows dropped by preprocessing are replaced."""
     return num_samples + max(CHUNK_ROWS, num_samples // 10)
 
 
-def build_train_dataset(recipe: Recipe, split: str, num_samples: int, seed: int) -> Any:
-    """A Ray Dataset of exactly ``num_samples`` preprocessed, mixed, shuffled rows.
-
-    Args:
-        recipe: the recipe (``data.mixture``, ``data.shards_root``, model for preprocessing).
-        split: shard split to read (e.g. ``recipe.data.train_split``).
-        num_samples: rows of one epoch (e.g. steps × micro batch × accumulation × workers).
-        seed: shuffle/sampling seed (vary it per epoch).
-
-    Returns:
-        ``ray.data.Dataset`` with ``PreprocessBatch``'s columns. If preprocessing drops more rows
-        than the plan margin (10%, at least ``CHUNK_ROWS``), it holds fewer rows; the drops are logged.
-
-    Raises:
-        DataError: a corpus with ratio > 0 has no shards for ``split``.
-    """
-    import ray
-
-    plan = make_plan(recipe.data, split, _plan_length(num_samples), seed)
-    chunks = [json.dumps(plan[i : i + CHUNK_ROWS]) for i in range(0, len(plan), CHUNK_ROWS)]
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items([{"chunk": c} for c in chunks], override_num_blocks=len(chunks))
-    # One plan chunk per call: fetch + preprocess in the same actor, one mixed output block each.
-    ds = ds.map_batches(
-        PlanChunkPreprocess,
-        fn_constructor_kwargs={"model": recipe.model, "data": recipe.data},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-        num_cpus=recipe.data.preprocess_cpus,
-    )
-    ds = ds.limit(num_samples)
-    ds.context.execution_options.preserve_order = True  # the same seed gives the same rows in order
-    return ds
-
-
 def iter_local_batches(
     recipe: Recipe, split: str, batch_size: int, num_samples: int, seed: int
 ) -> Iterator[dict[str, Any]]:
-    """The same plan and preprocessing without Ray: collated batches of ``batch_size``.
+    """The same kind of plan and preprocessing without Ray: collated batches of ``batch_size``.
 
     Yields ``num_samples // batch_size`` batches (``collate_batch`` output) unless preprocessing drops
     more rows than the plan margin.

@@ -21,8 +21,14 @@ __all__ = ["PLACEHOLDER", "SegCodebook", "codebook_tokens"]
 PLACEHOLDER = "[SEG]"
 
 
-def codebook_tokens(num_scales: int, tokens_per_group: int) -> list[str]:
-    """The ``L * N`` codebook token strings, scale-major."""
+def codebook_tokens(num_scales: int, tokens_per_group: int, names: str = "ours") -> list[str]:
+    """The ``L * N`` codebook token strings, scale-major.
+
+    ``names="authors"`` gives the released checkpoints' ``[SEG0]`` … ``[SEG{L*N-1}]``
+    (``model.compat.codebook_tokens``).
+    """
+    if names == "authors":
+        return [f"[SEG{i}]" for i in range(num_scales * tokens_per_group)]
     return [f"<seg_{s}_{n}>" for s in range(num_scales) for n in range(tokens_per_group)]
 
 
@@ -33,12 +39,27 @@ class SegCodebook:
         tokenizer: a tokenizer that already holds the codebook tokens (see ``add_to``).
         num_scales: L.
         tokens_per_group: N.
+        names: token naming, ``"ours"`` or ``"authors"`` (see ``codebook_tokens``).
+        separator: text between the tokens of one run (the release space-joins them).
+        grouping: ``"run"``: a target is L*N codebook ids in codebook order; ``"count"`` (the
+            release): every codebook token counts, consecutive L*N of them form a target, and a
+            count that is not a multiple of L*N gives no target at all.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_scales: int, tokens_per_group: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        num_scales: int,
+        tokens_per_group: int,
+        names: str = "ours",
+        separator: str = "",
+        grouping: str = "run",
+    ):
         self.num_scales = num_scales
         self.tokens_per_group = tokens_per_group
-        self.tokens = codebook_tokens(num_scales, tokens_per_group)
+        self.separator = separator
+        self.grouping = grouping
+        self.tokens = codebook_tokens(num_scales, tokens_per_group, names)
         ids = tokenizer.convert_tokens_to_ids(self.tokens)
         unk = tokenizer.unk_token_id
         if any(i is None or i == unk for i in ids) or len(set(ids)) != len(ids):
@@ -51,11 +72,19 @@ class SegCodebook:
         self._id_set = set(self.ids)
 
     @staticmethod
-    def add_to(tokenizer: PreTrainedTokenizerBase, num_scales: int, tokens_per_group: int) -> int:
+    def add_to(
+        tokenizer: PreTrainedTokenizerBase,
+        num_scales: int,
+        tokens_per_group: int,
+        names: str = "ours",
+    ) -> int:
         """Add the codebook tokens as special tokens; returns how many were new."""
+        tokens = codebook_tokens(num_scales, tokens_per_group, names)
+        vocab = tokenizer.get_vocab()
+        if all(t in vocab for t in tokens):  # e.g. an imported tokenizer: keep its ids as they are
+            return 0
         return tokenizer.add_special_tokens(
-            {"additional_special_tokens": codebook_tokens(num_scales, tokens_per_group)},
-            replace_extra_special_tokens=False,
+            {"additional_special_tokens": tokens}, replace_extra_special_tokens=False
         )
 
     @property
@@ -66,7 +95,7 @@ class SegCodebook:
     @property
     def group_text(self) -> str:
         """The text of one target's token run."""
-        return "".join(self.tokens)
+        return self.separator.join(self.tokens)
 
     def expand(self, text: str) -> str:
         """User-facing text (one ``[SEG]`` per target) → text holding one token run per target."""
@@ -95,6 +124,11 @@ class SegCodebook:
         ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
         groups: list[list[int]] = []
         g = self.group_size
+        if self.grouping == "count":
+            found = [t for t, i in enumerate(ids) if i in self._id_set]
+            if len(found) % g:
+                return []
+            return [found[k : k + g] for k in range(0, len(found), g)]
         t = 0
         while t <= len(ids) - g:
             if ids[t] == self.first_id and ids[t : t + g] == self.ids:

@@ -1,4 +1,5 @@
-"""``pixellm flops``: per-sample compute of PixelLM vs a LISA-shaped model at real sizes."""
+"""``pixellm flops`` (per-sample compute of PixelLM vs a LISA-shaped model at real sizes) and
+``pixellm import-authors`` (the released PixelLM checkpoints as a model directory of ours)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,34 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_authors(args: argparse.Namespace) -> int:
+    import sys
+
+    from pixellm.model.import_authors import ImportError_, import_authors
+
+    try:
+        out = import_authors(args.checkpoint, args.clip, args.out)
+    except (ImportError_, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"imported {args.checkpoint} -> {out} (load with PixelLM.from_pretrained, score with pixellm score)"
+    )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``flops``."""
+    """Add ``flops`` and ``import-authors``."""
+    imp = subparsers.add_parser(
+        "import-authors",
+        help="import the authors' released PixelLM-7B/13B checkpoint (local files only)",
+    )
+    imp.add_argument("--checkpoint", required=True, help="their merged checkpoint directory")
+    imp.add_argument("--clip", required=True, help="local CLIP ViT-L/14-336 directory")
+    imp.add_argument(
+        "--out", required=True, help="new model directory (must not exist or be empty)"
+    )
+    imp.set_defaults(func=_import_authors)
     p = subparsers.add_parser("flops", help="per-sample FLOPs of PixelLM vs a LISA-shaped model")
     p.add_argument(
         "--recipe", required=True, help="recipe YAML, e.g. platform/recipes/pixellm-7b.yaml"

@@ -9,11 +9,21 @@ Departures from the authors' release (reference/official-implementation-facts.md
 paper: L_ref is one α-weighted BCE (the release added a second BCE on overlap pixels and then
 disabled it after an integer-precedence crash), and DICE is the plain formula below (the release
 divided the sums by a scale of 1000).
+
+Precision: every loss here is computed in float32 whatever the model's dtype (bf16 under DeepSpeed)
+or an enclosing ``torch.autocast``: the logits are cast up and autocast is switched off inside.
+
+The score loss trains the score head (``pixel_decoder.MaskScoreHead``): the MSE between each mask's
+predicted IoU and its measured IoU ``mask_iou`` (a detached target, as in SAM).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import wraps
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +31,32 @@ import torch.nn.functional as F
 __all__ = [
     "MaskLosses",
     "dice_loss",
+    "mask_iou",
     "mask_losses",
     "refinement_loss",
     "refinement_weight_map",
+    "score_loss",
 ]
+
+
+def _fp32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with autocast off and every floating tensor argument cast to float32."""
+
+    def up(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.float()
+        if isinstance(x, list):
+            return [up(v) for v in x]
+        return x
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with ExitStack() as stack:
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            return fn(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 @dataclass
@@ -55,6 +87,7 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
+@_fp32
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """DICE loss, mean over masks.
 
@@ -111,6 +144,7 @@ def refinement_weight_map(logits: torch.Tensor, alpha: float) -> torch.Tensor:
         return weights.masked_fill(positives >= 2, alpha)  # (H, W)
 
 
+@_fp32
 def refinement_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
     """Target refinement loss L_ref of one question (paper section 3.2).
 
@@ -138,6 +172,7 @@ def refinement_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float) -
     return (bce * weights).mean()  # mean = 1/(K·H·W) Σ
 
 
+@_fp32
 def mask_losses(
     mask_logits: list[torch.Tensor], gt_masks: list[torch.Tensor], alpha: float
 ) -> MaskLosses:
@@ -178,3 +213,37 @@ def mask_losses(
     if count:
         ref, dice = ref / count, dice / count
     return MaskLosses(ref=ref, dice=dice, num_masks=count)
+
+
+@torch.no_grad()
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of each predicted mask ``logits > 0`` with its target ``targets > 0.5``.
+
+    Args:
+        logits: ``(K, H, W)`` mask logits.
+        targets: ``(K, H, W)`` ground truth in [0, 1].
+
+    Returns:
+        ``(K,)`` float32 IoU in [0, 1]; 1 where both masks are empty (the gIoU convention).
+    """
+    _check_pair(logits, targets, "mask_iou")
+    pred = (logits > 0).flatten(1)  # (K, H*W)
+    gt = (targets > 0.5).flatten(1)
+    inter = (pred & gt).sum(1).float()
+    union = (pred | gt).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@_fp32
+def score_loss(scores: torch.Tensor, ious: torch.Tensor) -> torch.Tensor:
+    """MSE between predicted (``scores``, ``(K,)``) and measured (``ious``, ``(K,)``, detached)
+    mask IoU; graph-connected 0 when K = 0.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if scores.shape != ious.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} != ious {tuple(ious.shape)}")
+    if scores.numel() == 0:
+        return scores.sum() * 0.0
+    return F.mse_loss(scores, ious.detach())

@@ -40,6 +40,7 @@ from pixellm.config import DecoderConfig
 __all__ = [
     "MLP",
     "LayerNorm2d",
+    "MaskScoreHead",
     "PixelDecoderOutput",
     "PixelLMMaskBlock",
     "PixelLMPixelDecoder",
@@ -57,11 +58,14 @@ class PixelDecoderOutput:
         mask_logits: ``(K, S, S)`` final mask logits M̂ = Σ_ℓ γ^ℓ m^ℓ.
         scale_logits: ``(K, L, S, S)`` the per-scale logits m^ℓ, deepest first.
         gamma: ``(L,)`` the normalised scale weights γ used for ``mask_logits``.
+        scores: ``(K,)`` predicted IoU of each mask ``mask_logits > 0`` with its target, in [0, 1]
+            (the score head; trained with MSE against the measured IoU).
     """
 
     mask_logits: torch.Tensor
     scale_logits: torch.Tensor
     gamma: torch.Tensor
+    scores: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -226,15 +230,18 @@ class PixelLMMaskBlock(nn.Module):
         )
         self.hyper = MLP(dims=[dim, dim, dim, dim // 8], activation=nn.ReLU)
 
-    def forward(self, target: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, target: torch.Tensor, image: torch.Tensor, return_token: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Mask logits for each target.
 
         Args:
             target: ``(K, C)`` fused codebook state h^ℓ.
             image: ``(K, C, g, g)`` (modulated) decoder features f'^ℓ of each target's image.
+            return_token: also return the output mask token ``(K, C)`` (input of the score head).
 
         Returns:
-            ``(K, 4g, 4g)`` mask logits m^ℓ.
+            ``(K, 4g, 4g)`` mask logits m^ℓ (and the mask token when ``return_token``).
         """
         k, c, g, _ = image.shape
         tokens = torch.stack([self.mask_token.expand(k, -1), target], 1)  # (K, T=2, C)
@@ -248,7 +255,8 @@ class PixelLMMaskBlock(nn.Module):
         src = src.transpose(1, 2).reshape(k, c, g, g)  # (K, C, g, g)
         upscaled = self.upscale(src)  # (K, C/8, 4g, 4g)
         weights = self.hyper(tokens[:, 0])  # (K, C/8), from the mask token
-        return torch.einsum("kc,kchw->khw", weights, upscaled)  # (K, 4g, 4g)
+        logits = torch.einsum("kc,kchw->khw", weights, upscaled)  # (K, 4g, 4g)
+        return (logits, tokens[:, 0]) if return_token else logits
 
 
 # ------------------------------------------------------------------------------------- functions
@@ -303,6 +311,28 @@ def mask_scores(mask_logits: torch.Tensor) -> torch.Tensor:
     return torch.where(area > 0, total / area.clamp(min=1), torch.zeros_like(total))
 
 
+class MaskScoreHead(nn.Module):
+    """Predicted IoU of each final mask with its target (SAM's IoU head, one output per target).
+
+    Input: the L output mask tokens of the target (``(K, L, C)``, concatenated) and two detached
+    statistics of the final logits — the mean sigmoid over the predicted foreground
+    (``mask_scores``) and the foreground fraction. Output: ``(K,)`` in [0, 1].
+    """
+
+    def __init__(self, *, dim: int, num_scales: int) -> None:
+        super().__init__()
+        self.mlp = MLP(dims=[num_scales * dim + 2, dim, dim, 1], activation=nn.ReLU)
+
+    def forward(self, mask_tokens: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        """``mask_tokens (K, L, C)``, ``mask_logits (K, S, S)`` -> ``(K,)`` predicted IoU."""
+        with torch.no_grad():
+            stats = torch.stack(
+                [mask_scores(mask_logits), (mask_logits > 0).flatten(1).float().mean(1)], 1
+            ).to(mask_tokens.dtype)  # (K, 2)
+        x = torch.cat([mask_tokens.flatten(1), stats], 1)  # (K, L*C + 2)
+        return torch.sigmoid(self.mlp(x)[:, 0])  # (K,)
+
+
 # ------------------------------------------------------------------------------- composite model
 class PixelLMPixelDecoder(nn.Module):
     """PixelLM's pixel decoder D (paper section 3.1, eq. 1) with its input projections.
@@ -313,6 +343,7 @@ class PixelLMPixelDecoder(nn.Module):
         text_projection: MLP ``D -> D -> C`` applied to every codebook token state.
         token_fusion: L linear maps φ^ℓ ``N*C -> C``.
         blocks: L ``PixelLMMaskBlock`` (Attn^ℓ), deepest scale first.
+        score_head: ``MaskScoreHead`` predicting each final mask's IoU.
     """
 
     def __init__(
@@ -323,6 +354,7 @@ class PixelLMPixelDecoder(nn.Module):
         text_projection: MLP,
         token_fusion: nn.ModuleList,
         blocks: nn.ModuleList,
+        score_head: MaskScoreHead,
     ) -> None:
         super().__init__()
         if len(token_fusion) != len(blocks) or not len(blocks):
@@ -335,6 +367,7 @@ class PixelLMPixelDecoder(nn.Module):
         self.text_projection = text_projection
         self.token_fusion = token_fusion
         self.blocks = blocks
+        self.score_head = score_head
         # softmax of zeros = uniform 1/L; softmax keeps γ ≥ 0 with Σγ = 1 (paper: |γ| = 1)
         self.gamma_logits = nn.Parameter(torch.zeros(len(blocks)))
 
@@ -396,13 +429,17 @@ class PixelLMPixelDecoder(nn.Module):
         feats = feats[:, image_index]  # (L, K, C, g, g)
         h = self.fuse_tokens(token_states)  # (K, L, C)
         scale_logits: list[torch.Tensor] = []
+        mask_tokens: list[torch.Tensor] = []
         for level, block in enumerate(self.blocks):
             f = feats[level] if level == 0 else modulate(feats[level], scale_logits[-1])
-            scale_logits.append(block(h[:, level], f))  # (K, 4g, 4g)
+            logits, token = block(h[:, level], f, return_token=True)  # (K, 4g, 4g), (K, C)
+            scale_logits.append(logits)
+            mask_tokens.append(token)
         scales = torch.stack(scale_logits, 1)  # (K, L, 4g, 4g)
         gamma = self.normalized_gamma()
         mask = torch.einsum("l,klhw->khw", gamma, scales)  # (K, 4g, 4g)
-        return PixelDecoderOutput(mask_logits=mask, scale_logits=scales, gamma=gamma)
+        scores = self.score_head(torch.stack(mask_tokens, 1), mask)  # (K,)
+        return PixelDecoderOutput(mask_logits=mask, scale_logits=scales, gamma=gamma, scores=scores)
 
     def _check_inputs(
         self, image_features: list[torch.Tensor], image_index: torch.Tensor, states: torch.Tensor
@@ -501,4 +538,5 @@ def build_pixel_decoder(
             [_average_fusion(dim=dim, tokens=tokens_per_group) for _ in range(num_scales)]
         ),
         blocks=nn.ModuleList(blocks),
+        score_head=MaskScoreHead(dim=dim, num_scales=num_scales),
     )

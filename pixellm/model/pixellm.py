@@ -25,10 +25,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pixellm.config import ModelConfig
+from pixellm.model import compat
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
-from pixellm.model.losses import mask_losses
-from pixellm.model.pixel_decoder import PixelLMPixelDecoder, build_pixel_decoder, mask_scores
+from pixellm.model.losses import mask_iou, mask_losses, score_loss
+from pixellm.model.pixel_decoder import (
+    PixelDecoderOutput,
+    PixelLMPixelDecoder,
+    build_pixel_decoder,
+)
 from pixellm.model.processing import (
     IGNORE_INDEX,
     PixelLMProcessor,
@@ -55,6 +60,9 @@ class PixelLMOutput:
         mask_logits: per question ``(K_b, h_b, w_b)`` logits at the ground-truth mask size when
             ``gt_masks`` is given, else at ``4g x 4g`` over the padded square.
         num_masks: masks that entered the mask losses.
+        loss_score: MSE of the predicted mask IoU against the measured one (scalar), None without
+            ground-truth masks.
+        scores: per question ``(K_b,)`` predicted IoU of each mask (the score head).
     """
 
     loss: torch.Tensor | None
@@ -64,6 +72,8 @@ class PixelLMOutput:
     logits: torch.Tensor
     mask_logits: list[torch.Tensor]
     num_masks: int = 0
+    loss_score: torch.Tensor | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -112,11 +122,14 @@ class PixelLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.pixel_decoder.parameters()).device
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, valid_hw: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run CLIP once and build both image streams.
 
         Args:
             pixel_values: ``(B, 3, S, S)``.
+            valid_hw: ``(B, 2)`` un-padded sizes; used when ``compat.mask_padded_patches``.
 
         Returns:
             ``(image_embeds (B, G*G, H), features)`` with ``features`` the L CLIP maps ``(B, g, g, Cv)``,
@@ -125,14 +138,19 @@ class PixelLM(nn.Module):
         vision = self.llava.model.vision_tower
         dtype = next(vision.parameters()).dtype
         with torch.no_grad():  # CLIP is frozen
-            out = vision(
-                pixel_values.to(dtype), output_hidden_states=True, interpolate_pos_encoding=True
-            )
+            if self.config.compat.mask_padded_patches and valid_hw is not None:
+                hidden_states = compat.masked_vit_hidden_states(
+                    vision, pixel_values.to(dtype), valid_hw
+                )
+            else:
+                hidden_states = vision(
+                    pixel_values.to(dtype), output_hidden_states=True, interpolate_pos_encoding=True
+                ).hidden_states
         b = pixel_values.shape[0]
         g = pixel_values.shape[-1] // vision.config.patch_size
         features = []
         for layer in self.config.feature_layers:
-            hs = out.hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
+            hs = hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
             features.append(hs.reshape(b, g, g, -1))  # (B, g, g, Cv)
         deepest = features[0].permute(0, 3, 1, 2)  # (B, Cv, g, g)
         grid = self.config.llm_image_grid
@@ -155,20 +173,40 @@ class PixelLM(nn.Module):
         embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
         return embeds
 
+    def _attention_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid_hw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(attention_mask, position_ids)``: with ``compat.mask_padded_image_tokens`` the image
+        tokens on padding are hidden while positions stay contiguous (else positions are None)."""
+        if not self.config.compat.mask_padded_image_tokens:
+            return attention_mask, None
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        vision = self.llava.model.vision_tower.config
+        valid = compat.image_token_mask(
+            valid_hw.to(input_ids.device),
+            self.config.image_size,
+            vision.patch_size,
+            self.config.llm_image_grid,
+        )  # (B, G*G)
+        is_image = input_ids == self.processor.image_token_id
+        mask = attention_mask.clone()
+        mask[is_image] = valid.flatten().to(mask.dtype)
+        return mask, positions
+
     def _decode(
         self,
         features: list[torch.Tensor],
         image_index: torch.Tensor,
         token_states: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mask logits ``(K, 4g, 4g)`` for targets with codebook states ``(K, L·N, H)``."""
+    ) -> PixelDecoderOutput:
+        """Decoder output (mask logits ``(K, 4g, 4g)``, scores ``(K,)``) for targets with codebook
+        states ``(K, L·N, H)``."""
         k = token_states.shape[0]
         states = token_states.reshape(
             k, self.config.num_scales, self.config.tokens_per_group, token_states.shape[-1]
         )  # (K, L, N, H)
         features = [f.float() for f in features]  # the decoder runs in fp32 (a bf16 LLaVA too)
-        out = self.pixel_decoder(features, image_index, states.float())
-        return out.mask_logits
+        return self.pixel_decoder(features, image_index, states.float())
 
     def _target_positions(self, input_ids: torch.Tensor) -> list[list[list[int]]]:
         return [self.codebook.find_groups(row) for row in input_ids]
@@ -201,27 +239,37 @@ class PixelLM(nn.Module):
                     raise ValueError(
                         f"batch item {b}: {len(grp)} target groups in the text but {m.shape[0]} masks"
                     )
-        image_embeds, features = self.encode_images(pixel_values)
+        image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
+        mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
         lm_out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
         )
         hidden = lm_out.last_hidden_state  # (B, T, H), post final norm
         logits = self.llava.lm_head(hidden)  # (B, T, V)
 
-        image_index = torch.tensor(
-            [b for b, grp in enumerate(groups) for _ in grp], dtype=torch.long, device=hidden.device
-        )
-        positions = [(b, pos) for b, grp in enumerate(groups) for pos in grp]
-        if positions:
-            states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
-        else:
-            states = hidden.new_zeros((0, self.codebook.group_size, hidden.shape[-1]))
-        square = self._decode(features, image_index, states)  # (K, 4g, 4g)
-        per_question = list(torch.split(square, [len(g) for g in groups]))
+        shift = self.config.compat.state_offset  # -1: the state that predicts the token
+        positions = [(b, [p + shift for p in pos]) for b, grp in enumerate(groups) for pos in grp]
+        image_index = [b for b, _ in positions]
+        no_target = not positions
+        if no_target:
+            # Decode one dummy target (the first L·N states of item 0) and keep none of it: every
+            # rank then runs the same modules with the same graph shape, so each trainable tensor
+            # gets a gradient (0 here) and ZeRO's reductions and gathers match across ranks.
+            positions, image_index = [(0, list(range(self.codebook.group_size)))], [0]
+        states = torch.stack([hidden[b, pos] for b, pos in positions])  # (K, L*N, H)
+        index = torch.tensor(image_index, dtype=torch.long, device=hidden.device)  # (K,)
+        decoded = self._decode(features, index, states)
+        mask_logits, all_scores = decoded.mask_logits, decoded.scores  # (K, 4g, 4g), (K,)
+        if no_target:
+            # (0, 4g, 4g) and (0,), still on the graph: the mask and score losses are 0·Σ terms
+            mask_logits, all_scores = mask_logits[:0], all_scores[:0]
+        counts = [len(g) for g in groups]
+        per_question = list(torch.split(mask_logits, counts))  # (K_b, 4g, 4g) each
+        scores = list(torch.split(all_scores, counts))  # (K_b,) each
 
         if gt_masks is None:
-            return PixelLMOutput(None, None, None, None, logits, per_question)
+            return PixelLMOutput(None, None, None, None, logits, per_question, scores=scores)
         side = self.config.image_size
         resized = [
             logits_to_image_size(
@@ -230,10 +278,13 @@ class PixelLM(nn.Module):
             for b, m in enumerate(per_question)
         ]
         loss_cfg = self.config.loss
-        losses = mask_losses(
-            resized, [m.to(hidden.device).float() for m in gt_masks], loss_cfg.alpha
-        )
-        loss_txt = torch.zeros((), device=hidden.device)
+        targets = [m.to(hidden.device).float() for m in gt_masks]
+        losses = mask_losses(resized, targets, loss_cfg.alpha)
+        ious = [mask_iou(r.detach(), t) for r, t in zip(resized, targets, strict=True)]
+        loss_score = score_loss(all_scores, torch.cat(ious) if ious else all_scores.detach())
+        # Graph-connected zero: every trainable part gets a gradient (0 where it had no influence)
+        # on every rank and micro-batch, so data-parallel gradient reductions always match.
+        loss_txt = logits.sum(dtype=torch.float32) * 0.0
         if labels is not None:
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(logits.device)
@@ -247,9 +298,18 @@ class PixelLM(nn.Module):
             loss_cfg.lambda_txt * loss_txt
             + loss_cfg.lambda_ref * losses.ref
             + loss_cfg.lambda_dice * losses.dice
+            + loss_cfg.lambda_score * loss_score
         )
         return PixelLMOutput(
-            loss, loss_txt, losses.ref, losses.dice, logits, resized, num_masks=losses.num_masks
+            loss,
+            loss_txt,
+            losses.ref,
+            losses.dice,
+            logits,
+            resized,
+            num_masks=losses.num_masks,
+            loss_score=loss_score,
+            scores=scores,
         )
 
     # ------------------------------------------------------------------ inference
@@ -280,9 +340,10 @@ class PixelLM(nn.Module):
         )
         h = self.llava.config.text_config.hidden_size
         all_states = torch.cat(states) if states else torch.zeros(0, self.codebook.group_size, h)
-        square = self._decode(features, image_index, all_states.to(self.device))
+        decoded = self._decode(features, image_index, all_states.to(self.device))
+        scores = torch.split(decoded.scores, counts)
         preds = []
-        for b, logits in enumerate(torch.split(square, counts)):
+        for b, logits in enumerate(torch.split(decoded.mask_logits, counts)):
             full = logits_to_image_size(
                 logits.float(), valid_hw[b], self.config.image_size, sizes[b]
             )
@@ -297,7 +358,7 @@ class PixelLM(nn.Module):
                 Prediction(
                     text=self._answer_text(answers[b]),
                     masks=rles,
-                    scores=[float(s) for s in mask_scores(full)],
+                    scores=[float(s) for s in scores[b]],
                     num_tokens=len(answers[b]),
                 )
             )
@@ -329,6 +390,7 @@ class PixelLM(nn.Module):
         if not images:
             return []
         device = self.device
+        budget = self.config.compat.max_new_tokens or max_new_tokens
         encoded = [self.processor.transform_image(im) for im in images]
         sizes = [(np.asarray(im).shape[0], np.asarray(im).shape[1]) for im in images]
         pixel_values = torch.stack([e[0] for e in encoded]).to(device)
@@ -338,9 +400,13 @@ class PixelLM(nn.Module):
         attention_mask = self.processor.pad([[1] * len(p) for p in prompts], 0, left=True).to(
             device
         )
-        image_embeds, features = self.encode_images(pixel_values)
+        valid_hw = torch.tensor([e[1] for e in encoded], device=device)
+        image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        ids, step_states = self.generate_greedy(embeds, attention_mask, max_new_tokens, use_cache)
+        mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
+        ids, step_states = self.generate_greedy(
+            embeds, mask, budget, use_cache, position_ids=positions
+        )
         answers, states = self._collect_states(ids, step_states)
         return self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
 
@@ -351,6 +417,7 @@ class PixelLM(nn.Module):
         attention_mask: torch.Tensor,
         max_new_tokens: int,
         use_cache: bool = True,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[list[list[int]], list[dict[int, torch.Tensor]]]:
         """Greedy decoding from left-padded prompt embeddings ``(B, T, H)``.
 
@@ -365,6 +432,11 @@ class PixelLM(nn.Module):
             embeds: ``(B, T, H)`` prompt embeddings; attention_mask: ``(B, T)`` (0 = left padding).
             max_new_tokens: tokens to generate at most per row.
             use_cache: KV cache (one new token per forward) or full recompute at every step.
+            position_ids: ``(B, T)`` explicit positions (``compat.mask_padded_image_tokens`` hides
+                keys inside the prompt, so positions cannot come from the mask); None = as HF.
+
+        ``compat.suppress_tokens`` are never generated; ``compat.state_offset == -1`` keeps for a
+        codebook token the state that predicted it (the release) instead of its own.
 
         Returns:
             ``(ids, states)``: per row the generated ids (EOS included, padding after it dropped),
@@ -381,6 +453,10 @@ class PixelLM(nn.Module):
         b = embeds.shape[0]
         mask = attention_mask.long()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T), as HF generate
+        if position_ids is not None:
+            positions = position_ids.long()
+        suppress = self.tokenizer.convert_tokens_to_ids(self.config.compat.suppress_tokens)
+        predicting = self.config.compat.state_offset == -1
         cache = DynamicCache() if use_cache else None
         out = lm(
             inputs_embeds=embeds,
@@ -397,9 +473,15 @@ class PixelLM(nn.Module):
         for step in range(max_new_tokens):
             logits = head(last).float()  # (B, V)
             logits[:, vocab:] = float("-inf")
+            if suppress:
+                logits[:, suppress] = float("-inf")
             nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             tokens.append(nxt)
             is_code = torch.isin(nxt, codebook) & ~done
+            if predicting:  # the state that predicted nxt
+                for row in is_code.nonzero().flatten().tolist():
+                    states[row][step] = last[row].clone()
+                is_code = torch.zeros_like(is_code)
             done = done | (nxt == eos)
             if bool(done.all()) or (step + 1 == max_new_tokens and not bool(is_code.any())):
                 break
@@ -448,7 +530,6 @@ class PixelLM(nn.Module):
             states.append(torch.stack(rows) if rows else torch.zeros(0, len(self.codebook.ids), h))
         return answers, states
 
-    # ------------------------------------------------------------------ persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor (LoRA, codebook rows, projections, decoder), detached on CPU."""
         return {
@@ -592,28 +673,54 @@ def build_pixellm(
     *,
     processor: PixelLMProcessor | None = None,
     llava: nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> PixelLM:
     """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder.
 
     ``processor`` and ``llava`` replace the ones the config would build (``from_pretrained``
     passes the stored tokenizer and an empty LLaVA of the stored architecture).
+    ``dtype`` / ``device``: how the LLaVA is loaded (see ``build_llava``); the pixel decoder is
+    built in fp32 on ``device`` (DeepSpeed casts the trainable parts and keeps fp32 masters).
+    ``cfg.base == "imported"`` builds from a ``pixellm import-authors`` directory instead (see
+    ``pixellm.model.import_authors.build_from_import``).
     """
+    if cfg.base == "imported":
+        from pixellm.model.import_authors import build_from_import
+
+        return build_from_import(cfg)
     processor = processor or build_processor(cfg)
     if llava is None:
-        llava = build_llava(cfg, processor.tokenizer, processor.codebook.ids)
+        llava = build_llava(
+            cfg, processor.tokenizer, processor.codebook.ids, dtype=dtype, device=device
+        )
+    factor = cfg.compat.projector_hidden_factor
+    if factor != 1:  # the release's p_V→T is Cv -> 2H -> H; its weights come with the model
+        llava.model.multi_modal_projector = compat.WideProjector(
+            vision_hidden_size=llava.config.vision_config.hidden_size,
+            text_hidden_size=llava.config.text_config.hidden_size,
+            factor=factor,
+        )
     for p in llava.parameters():
         p.requires_grad_(False)
     llm = apply_lora(llava, cfg, processor.codebook.ids)
     base = llm.get_base_model()
+    sizes = {
+        "num_scales": cfg.num_scales,
+        "tokens_per_group": cfg.tokens_per_group,
+        "llm_hidden_size": base.config.text_config.hidden_size,
+        "vision_hidden_size": base.config.vision_config.hidden_size,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.tiny.seed + 1)
-        decoder = build_pixel_decoder(
-            cfg.decoder,
-            num_scales=cfg.num_scales,
-            tokens_per_group=cfg.tokens_per_group,
-            llm_hidden_size=base.config.text_config.hidden_size,
-            vision_hidden_size=base.config.vision_config.hidden_size,
-        )
+        if cfg.compat.decoder == "authors-release":
+            from pixellm.model.compat_decoder import build_authors_decoder
+
+            decoder = build_authors_decoder(cfg.decoder, projector_hidden_factor=factor, **sizes)
+        else:
+            decoder = build_pixel_decoder(cfg.decoder, **sizes)
+    if device is not None:
+        decoder = decoder.to(device)
     if cfg.gradient_checkpointing:
         base.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

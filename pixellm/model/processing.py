@@ -13,6 +13,7 @@ closing ``</s>``); one ``[SEG]`` in an assistant turn becomes one codebook token
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from pixellm.config import ModelConfig
+from pixellm.config import CompatConfig, ModelConfig
 from pixellm.model.codebook import SegCodebook
 
 __all__ = [
@@ -38,11 +39,19 @@ __all__ = [
 IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)  # authors' release, 0-255 scale / 255
+IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+IM_START, IM_END = "<im_start>", "<im_end>"  # the release's image wrap tokens
 
 
-def resize_longest_side(h: int, w: int, side: int) -> tuple[int, int]:
-    """Size ``(h', w')`` of an ``h x w`` image whose longest side is scaled to ``side``."""
+def resize_longest_side(h: int, w: int, side: int, rounding: str = "round") -> tuple[int, int]:
+    """Size ``(h', w')`` of an ``h x w`` image whose longest side is scaled to ``side``.
+
+    ``rounding="half_up"`` is the release's ``int(x + 0.5)`` (Python's ``round`` rounds half to even).
+    """
     scale = side / max(h, w)
+    if rounding == "half_up":
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
@@ -61,8 +70,8 @@ def logits_to_image_size(
         ``(K, h, w)`` logits.
     """
     k, s, _ = logits.shape
-    if k == 0:
-        return logits.new_zeros((0, *out_hw))
+    if k == 0:  # a reshape, not new_zeros: the empty result stays on the decoder's graph
+        return logits.reshape(0, *out_hw)
     # (K, s, s) -> (K, S, S) -> crop valid -> (K, h, w)
     x = F.interpolate(
         logits[:, None], size=(image_side, image_side), mode="bilinear", align_corners=False
@@ -92,6 +101,7 @@ class PixelLMProcessor:
         max_length: longest allowed token sequence; longer samples are rejected, never truncated
             (truncation cut target runs in the authors' code and broke the mask count).
         system_prompt: text before the first ``USER:`` (LLaVA v1's by default; may be empty).
+        compat: ``model.compat`` (normalisation, rounding, image wrap tokens); None = the paper.
     """
 
     def __init__(
@@ -103,7 +113,9 @@ class PixelLMProcessor:
         max_length: int,
         system_prompt: str = "",
         image_token: str = "<image>",
+        compat: CompatConfig | None = None,
     ):
+        self.compat = compat if compat is not None else CompatConfig()
         self.tokenizer = tokenizer
         self.codebook = codebook
         self.image_size = image_size
@@ -111,8 +123,9 @@ class PixelLMProcessor:
         self.max_length = max_length
         self.system_prompt = system_prompt.strip()
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        imagenet = self.compat.normalization == "imagenet"
+        self.mean = torch.tensor(IMAGENET_MEAN if imagenet else CLIP_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD if imagenet else CLIP_STD).view(3, 1, 1)
 
     # ---------------------------------------------------------------- images
     def transform_image(
@@ -123,7 +136,7 @@ class PixelLMProcessor:
             image = Image.fromarray(image)
         image = image.convert("RGB")
         w, h = image.size
-        nh, nw = resize_longest_side(h, w, self.image_size)
+        nh, nw = resize_longest_side(h, w, self.image_size, self.compat.resize_rounding)
         resized = image.resize((nw, nh), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         x = (x - self.mean) / self.std  # (3, h', w')
@@ -133,10 +146,48 @@ class PixelLMProcessor:
 
     # ---------------------------------------------------------------- text
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        if not self.compat.split_added_tokens:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        added = self.tokenizer.get_added_vocab()  # token -> id
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
+        pieces = re.split(pattern, text)  # odd indices are added tokens
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(added[piece])
+                continue
+            if i > 0:
+                piece = piece.lstrip()
+            if i < len(pieces) - 1:
+                piece = piece.rstrip()
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids
+
+    def _turn_ids(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """Prompt and answer ids of one turn, tokenised together as ``prompt + " " + answer``.
+
+        Tokenising the answer on its own (``" " + answer``) differs on sentencepiece tokenizers
+        (Llama: a lone ``"▁"`` that generation after ``ASSISTANT:`` never produces); the joint ids
+        are split where the prompt's own ids end, which is what generation continues from.
+
+        Raises:
+            ValueError: the prompt's ids are not a prefix of the joint ids (a token would straddle
+                the prompt/answer boundary).
+        """
+        prompt_ids = self._ids(prompt)
+        joint = self._ids(f"{prompt} {answer}")
+        if joint[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(
+                f"tokenizer merges the prompt's end with the answer ({prompt[-20:]!r} + "
+                f"{answer[:20]!r}); the prompt ids are not a prefix of the joint ids"
+            )
+        return prompt_ids, joint[len(prompt_ids) :]
 
     def _user_prefix(self, first: bool) -> str:
         image = self.tokenizer.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens
+        if self.compat.image_wrap_tokens:
+            image = f"{IM_START}{image}{IM_END}"
         system = f"{self.system_prompt} " if self.system_prompt else ""
         return f"{system}USER: {image}\n" if first else " USER: "
 
@@ -166,9 +217,12 @@ class PixelLMProcessor:
                 raise ValueError(
                     f"turn {turn}: expected roles user, assistant; got {user.get('role')}, {assistant.get('role')}"
                 )
-            prompt = self._ids(self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:")
+            prompt, answer = self._turn_ids(
+                self._user_prefix(turn == 0) + user["text"].strip() + " ASSISTANT:",
+                self.codebook.expand(assistant["text"].strip()),
+            )
             num_targets += self.codebook.count_placeholders(assistant["text"])
-            answer = self._ids(" " + self.codebook.expand(assistant["text"].strip())) + [eos]
+            answer = answer + [eos]
             ids += prompt + answer
             labels += [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > self.max_length:
@@ -193,8 +247,26 @@ def build_processor(
     """The processor of a recipe's model (builds the tokenizer unless one is given)."""
     from pixellm.model.tokenizer import build_tokenizer
 
+    if cfg.base == "imported" and tokenizer is None:  # the import's tokenizer and settings
+        from pixellm.model.import_authors import imported_processor
+
+        return imported_processor(cfg)
     tok = tokenizer if tokenizer is not None else build_tokenizer(cfg)
-    codebook = SegCodebook(tok, cfg.num_scales, cfg.tokens_per_group)
+    release = cfg.compat.codebook_tokens == "authors"
+    codebook = SegCodebook(
+        tok,
+        cfg.num_scales,
+        cfg.tokens_per_group,
+        names=cfg.compat.codebook_tokens,
+        separator=" " if release else "",
+        grouping="count" if cfg.compat.broken_run == "drop_all" else "run",
+    )
     return PixelLMProcessor(
-        tok, codebook, cfg.image_size, cfg.llm_image_grid**2, cfg.max_length, cfg.system_prompt
+        tok,
+        codebook,
+        cfg.image_size,
+        cfg.llm_image_grid**2,
+        cfg.max_length,
+        cfg.system_prompt,
+        compat=cfg.compat,
     )

@@ -86,5 +86,5 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
-    SegCodebook.add_to(tok, cfg.num_scales, cfg.tokens_per_group)
+    SegCodebook.add_to(tok, cfg.num_scales, cfg.tokens_per_group, cfg.compat.codebook_tokens)
     return tok

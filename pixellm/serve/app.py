@@ -115,8 +115,9 @@ class AppArgs(BaseModel):
         recipe: recipe YAML whose ``serve`` section sets the defaults (None = built-in defaults).
         set: dotted recipe overrides, e.g. ``["serve.max_batch_size=1"]``.
         tracking_uri: MLflow tracking URI for ``models:/`` (None = ``$MLFLOW_TRACKING_URI``).
-        num_cpus: CPUs reserved per replica (Ray also sets torch's thread count from it).
-        num_gpus: GPUs per replica; the model goes on CUDA when > 0.
+        num_cpus: CPUs reserved per replica (Ray also sets torch's thread count from it);
+            None = the recipe's ``serve.num_cpus``.
+        num_gpus: GPUs per replica, the model goes on CUDA when > 0; None = ``serve.num_gpus``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -125,8 +126,8 @@ class AppArgs(BaseModel):
     recipe: str | None = None
     set: list[str] = Field(default_factory=list)
     tracking_uri: str | None = None
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
 
 
 def _capacity(cfg: ServeConfig) -> int | None:
@@ -381,7 +382,11 @@ def build_app(args: dict[str, Any]) -> Application:
         ) from None
     cfg = load_recipe(parsed.recipe, parsed.set).serve
     resolve_bearer_token(cfg)  # fail before deploying when the token is empty or unreadable
-    options = deployment_options(cfg, parsed.num_cpus, parsed.num_gpus)
+    options = deployment_options(
+        cfg,
+        cfg.num_cpus if parsed.num_cpus is None else parsed.num_cpus,
+        cfg.num_gpus if parsed.num_gpus is None else parsed.num_gpus,
+    )
     return PixelLMDeployment.options(**options).bind(
         model=_local_or_uri(parsed.model), tracking_uri=parsed.tracking_uri, dtype=cfg.dtype
     )
@@ -390,14 +395,15 @@ def build_app(args: dict[str, Any]) -> Application:
 def app_from_env() -> Application:
     """The application of ``pixellm.serve.app:app``: ``$PIXELLM_MODEL`` (default
     ``runs/quickstart/model``), ``$PIXELLM_RECIPE`` (default: built-in defaults),
-    ``$MLFLOW_TRACKING_URI``, ``$PIXELLM_NUM_CPUS`` / ``$PIXELLM_NUM_GPUS`` (default 1 / 0)."""
+    ``$MLFLOW_TRACKING_URI``, ``$PIXELLM_NUM_CPUS`` / ``$PIXELLM_NUM_GPUS`` (default: the
+    recipe's ``serve.num_cpus`` / ``serve.num_gpus``)."""
     return build_app(
         {
             "model": os.environ.get("PIXELLM_MODEL", "runs/quickstart/model"),
             "recipe": os.environ.get("PIXELLM_RECIPE") or None,
             "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or None,
-            "num_cpus": float(os.environ.get("PIXELLM_NUM_CPUS", "1")),
-            "num_gpus": float(os.environ.get("PIXELLM_NUM_GPUS", "0")),
+            "num_cpus": os.environ.get("PIXELLM_NUM_CPUS") or None,
+            "num_gpus": os.environ.get("PIXELLM_NUM_GPUS") or None,
         }
     )
 

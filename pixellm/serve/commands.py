@@ -17,9 +17,10 @@ APP_NAME = "pixellm"
 
 
 def _init_ray(address: str | None, extra_cpus: float = 0.0) -> bool:
-    """Connect to ``address`` or start a loopback-only local Ray; True when this call started it.
+    """Connect to ``address`` or ``$RAY_ADDRESS``, else start a loopback-only local Ray.
 
-    A local Ray gets ``extra_cpus`` logical CPUs on top of the machine's: Ray Data's file-listing
+    Returns True when this call started Ray. Inside a Ray job ``RAY_ADDRESS`` is set and Ray refuses
+    resource arguments when connecting, so none are passed then. A local Ray gets ``extra_cpus`` logical CPUs on top of the machine's: Ray Data's file-listing
     task needs a whole CPU, which a replica holding one of two cores would otherwise never leave.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -27,8 +28,8 @@ def _init_ray(address: str | None, extra_cpus: float = 0.0) -> bool:
 
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)  # None = $RAY_ADDRESS (the cluster a Ray job runs on)
         return False
     ray.init(include_dashboard=False, num_cpus=(os.cpu_count() or 1) + math.ceil(extra_cpus))
     return True
@@ -97,8 +98,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_score(args: argparse.Namespace) -> int:
     """Score one split through the deployment; print a JSON summary."""
+    from pixellm.config import load_recipe
     from pixellm.serve.score import ScoreOptions, score_benchmark
 
+    cfg = load_recipe(args.recipe, args.set).serve
+    started = _init_ray(
+        args.address, extra_cpus=args.num_cpus if args.num_cpus is not None else cfg.num_cpus
+    )
     opts = ScoreOptions(
         model=args.model,
         benchmark=args.benchmark,
@@ -116,8 +122,10 @@ def run_score(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         n_overlays=args.overlays,
         replica_cpus=args.num_cpus,
+        replica_gpus=args.num_gpus,
+        # On a cluster Serve may outlive this run: start it where `pixellm serve` would.
+        http_options=None if started else {"host": cfg.host, "port": cfg.port},
     )
-    started = _init_ray(args.address, extra_cpus=args.num_cpus)
     try:
         result = score_benchmark(opts)
     finally:
@@ -139,15 +147,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="recipe YAML (serve + mlflow sections)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start local)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
+    )
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (serve.num_cpus)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (serve.num_gpus)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``pixellm serve`` (shared with ``jobs/serve.py``)."""
     _common(p)
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
 
 
 def add_score_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,6 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pixellm.model import PixelLM, Prediction
-from pixellm.model.pixel_decoder import mask_scores
 from pixellm.model.processing import logits_to_image_size
 from pixellm.serve.api import SegmentJob, clean_message
 
@@ -52,7 +51,8 @@ def teacher_forced_predict(
     """Masks from one teacher-forced forward pass with the ground-truth answers in the prompt.
 
     The answer's ``[SEG]`` placeholders become codebook runs; each run's hidden states decode one
-    mask (``out.mask_logits``), thresholded at logit 0 at the original image size.
+    mask (``out.mask_logits``), thresholded at logit 0 at the original image size, and its score
+    (``out.scores``, the predicted IoU).
 
     Args:
         images: B ``(h, w, 3)`` uint8 images.
@@ -86,7 +86,7 @@ def teacher_forced_predict(
             Prediction(
                 text=answers[b],
                 masks=[_rle(m) for m in binary],
-                scores=[float(s) for s in mask_scores(full)],
+                scores=[float(s) for s in out.scores[b]],
                 num_tokens=len(convs[b].input_ids),
             )
         )

@@ -73,7 +73,11 @@ class ScoreOptions:
         tracking_uri: MLflow tracking URI (None = recipe, then ``$MLFLOW_TRACKING_URI``; none = no
             logging).
         n_overlays: overlay pictures in the report.
-        replica_cpus: CPUs per replica when deploying.
+        replica_cpus: CPUs per replica when deploying (None = the recipe's ``serve.num_cpus``).
+        replica_gpus: GPUs per replica when deploying (None = the recipe's ``serve.num_gpus``).
+        http_options: Serve's HTTP options if this run starts Serve (None = 127.0.0.1 on a free
+            port). On a shared cluster pass the recipe's ``serve.host``/``serve.port``: Serve keeps
+            the options of whoever started it, so a later ``pixellm serve`` finds its port.
     """
 
     model: str
@@ -91,7 +95,9 @@ class ScoreOptions:
     use_running: bool = False
     tracking_uri: str | None = None
     n_overlays: int = 8
-    replica_cpus: float = 1.0
+    replica_cpus: float | None = None
+    replica_gpus: float | None = None
+    http_options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -220,7 +226,7 @@ def _deploy(opts: ScoreOptions) -> None:
     from pixellm.serve.app import build_app  # torch + the model: only where it is deployed
     from pixellm.tracking import free_port
 
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.start(http_options=opts.http_options or {"host": "127.0.0.1", "port": free_port()})
     app = build_app(
         {
             "model": opts.model,
@@ -228,6 +234,7 @@ def _deploy(opts: ScoreOptions) -> None:
             "set": opts.overrides,
             "tracking_uri": opts.tracking_uri,
             "num_cpus": opts.replica_cpus,
+            "num_gpus": opts.replica_gpus,
         }
     )
     serve.run(app, name=opts.app_name, route_prefix=f"/{opts.app_name}")

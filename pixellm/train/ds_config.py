@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pixellm.config import ConfigError, Recipe, TrainConfig
+from pixellm.train.optim import group_lrs
 
 __all__ = [
     "DERIVED_KEYS",
@@ -119,6 +120,7 @@ def derive_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
             "lower train.warmup_steps or train for longer"
         )
     cfg = load_deepspeed_json(t.deepspeed_config)
+    peaks, floors = group_lrs(t)  # one per optimizer parameter group (pixellm.train.optim)
     cfg.update(
         {
             "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -137,8 +139,8 @@ def derive_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
             "scheduler": {
                 "type": "WarmupDecayLR",
                 "params": {
-                    "warmup_min_lr": 0.0,
-                    "warmup_max_lr": t.lr,
+                    "warmup_min_lr": floors,
+                    "warmup_max_lr": peaks,
                     "warmup_num_steps": t.warmup_steps,
                     "total_num_steps": t.total_steps,
                     "warmup_type": "linear",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,14 @@ import pytest
 import ray
 import yaml
 from packaging.requirements import Requirement
+
+from tests.cluster.doc_commands import (
+    CRDS_DIR,
+    crd_errors,
+    kuberay_docs,
+    kubernetes_names,
+    kustomize,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -33,10 +42,6 @@ REPO_PATH = re.compile(
 
 def _yaml_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def _kuberay_docs() -> list[tuple[Path, dict]]:
-    return [(p, d) for p in sorted(KUBERAY_DIR.glob("*.yaml")) for d in _yaml_docs(p)]
 
 
 def _referenced_paths(text: str) -> set[str]:
@@ -108,36 +113,33 @@ def test_launcher_file_mounts_and_env_variables_exist(path):
 
 # --------------------------------------------------------------------------- KubeRay
 
+KUBERAY_FILES = sorted(KUBERAY_DIR.rglob("*.yaml"))
+KUSTOMIZATIONS = sorted(p.parent for p in KUBERAY_DIR.rglob("kustomization.yaml"))
+# Node types the pod requests are sized for (docs/cluster.md), with their allocatable capacity after
+# kubelet/system reservations: (vCPU, memory in GiB) of the smaller of the GKE and EKS type named.
+NODE_TYPES = {
+    "head": ("n2-standard-16 / m6i.4xlarge", 15.5, 57.0),
+    "gpu-8x": ("a2-highgpu-8g / p4d.24xlarge", 95.0, 610.0),
+    "gpu-1x": ("a2-highgpu-1g / g6e.4xlarge", 11.5, 76.0),
+}
 
-def _spec_requirements(kind: str, spec: dict) -> list[str]:
-    """Names of required fields that `spec` of a KubeRay `kind` lacks."""
-    missing: list[str] = []
 
-    def need(obj: dict, key: str, where: str) -> None:
-        if key not in obj or obj[key] in (None, ""):
-            missing.append(f"{where}.{key}")
+def _quantity_gib(q: str) -> float:
+    units = {
+        "Ki": 2**-20,
+        "Mi": 2**-10,
+        "Gi": 1.0,
+        "Ti": 1024.0,
+        "G": 1e9 / 2**30,
+        "M": 1e6 / 2**30,
+    }
+    m = re.fullmatch(r"([\d.]+)([A-Za-z]*)", str(q))
+    assert m, q
+    return float(m.group(1)) * (units[m.group(2)] if m.group(2) else 2**-30)
 
-    def cluster(c: dict, where: str) -> None:
-        need(c, "headGroupSpec", where)
-        need(c, "workerGroupSpecs", where)
-        for key in ("rayStartParams", "template"):
-            need(c.get("headGroupSpec", {}), key, f"{where}.headGroupSpec")
-        for i, group in enumerate(c.get("workerGroupSpecs") or []):
-            for key in ("groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"):
-                if key not in group:
-                    missing.append(f"{where}.workerGroupSpecs[{i}].{key}")
 
-    if kind == "RayCluster":
-        cluster(spec, "spec")
-    elif kind == "RayJob":
-        need(spec, "entrypoint", "spec")
-        need(spec, "rayClusterSpec", "spec")
-        cluster(spec.get("rayClusterSpec", {}), "spec.rayClusterSpec")
-    elif kind == "RayService":
-        need(spec, "serveConfigV2", "spec")
-        need(spec, "rayClusterConfig", "spec")
-        cluster(spec.get("rayClusterConfig", {}), "spec.rayClusterConfig")
-    return missing
+def _kuberay_docs() -> list[tuple[Path, dict]]:
+    return kuberay_docs()
 
 
 def _ray_cluster_spec(doc: dict) -> dict:
@@ -149,94 +151,172 @@ def _ray_cluster_spec(doc: dict) -> dict:
     }[doc["kind"]]
 
 
-def _containers(cluster_spec: dict) -> list[dict]:
-    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
-    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+def _groups(cluster_spec: dict) -> list[tuple[str, dict]]:
+    return [("head", cluster_spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster_spec["workerGroupSpecs"]
+    ]
 
 
-def test_kuberay_has_the_three_ray_kinds_and_mlflow():
+def _ray_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in _kuberay_docs() if d.get("kind") in RAY_KINDS]
+
+
+def test_kuberay_has_the_three_ray_kinds_mlflow_and_the_volume_init():
     kinds = {d["kind"] for _, d in _kuberay_docs()}
     assert RAY_KINDS <= kinds
-    assert {"Deployment", "Service", "StatefulSet", "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "Service", "StatefulSet", "PersistentVolumeClaim", "Job", "Pod"} <= kinds
 
 
-@pytest.mark.parametrize("path", sorted(KUBERAY_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_kuberay_manifest_has_the_fields_its_kind_requires(path):
-    for doc in _yaml_docs(path):
-        assert doc.get("kind"), f"{path.name}: a document without kind"
-        if doc["kind"] == "Kustomization":
-            for resource in doc["resources"]:
-                assert (KUBERAY_DIR / resource).is_file(), f"{path.name}: missing {resource}"
-            continue
-        assert doc.get("apiVersion") and doc.get("metadata", {}).get("name"), path.name
-        if doc["kind"] not in RAY_KINDS:
-            continue
-        assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: {doc['apiVersion']}"
-        assert _spec_requirements(doc["kind"], doc["spec"]) == [], path.name
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: str(p.relative_to(KUBERAY_DIR)))
+def test_kuberay_ray_manifests_validate_against_the_kuberay_crd_schemas(path):
+    """Strict validation (unknown fields fail) against the vendored CRDs of the documented release."""
+    release = re.search(
+        r"\| KubeRay release \| (v[\d.]+) \|", (ROOT / "docs" / "cluster.md").read_text()
+    )
+    assert release and (CRDS_DIR / f"crds-{release.group(1)}.json").is_file(), "vendor the CRDs"
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") in RAY_KINDS:
+            assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: {doc['apiVersion']}"
+            assert crd_errors(doc) == [], f"{path.name}: {crd_errors(doc)[:5]}"
+
+
+def test_every_ray_manifest_autoscales_mounts_the_volume_and_requires_a_token():
+    for path, doc in _ray_docs():
         spec = _ray_cluster_spec(doc)
-        for group in spec["workerGroupSpecs"]:
-            assert 0 <= group["minReplicas"] <= group["maxReplicas"], group["groupName"]
-            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-            assert int(limits["nvidia.com/gpu"]) == 8, (
-                f"{path.name}: {group['groupName']} GPU limit"
-            )
         assert spec["enableInTreeAutoscaling"] is True, path.name
-        for container in _containers(spec):
-            assert container["image"] == IMAGE, f"{path.name}: {container['name']} image"
-            mounts = {m["mountPath"] for m in container["volumeMounts"]}
-            assert "/mnt/shared" in mounts, f"{path.name}: {container['name']} lacks /mnt/shared"
+        assert spec["authOptions"] == {"mode": "token", "secretName": "pixellm-ray-token"}, (
+            path.name
+        )
+        assert spec["rayVersion"] == ray.__version__, f"{path.name}: rayVersion vs the venv's Ray"
+        for name, group in _groups(spec):
+            for container in group["template"]["spec"]["containers"]:
+                assert container["image"] == IMAGE, f"{path.name}: {container['name']} image"
+                mounts = {m["mountPath"] for m in container["volumeMounts"]}
+                assert "/mnt/shared" in mounts, f"{path.name}: {name} lacks /mnt/shared"
+
+
+def test_kuberay_requests_fit_the_node_types_they_name():
+    for path, doc in _ray_docs():
+        for name, group in _groups(_ray_cluster_spec(doc)):
+            node, cpus, gib = NODE_TYPES[name]
+            for c in group["template"]["spec"]["containers"]:
+                req, lim = c["resources"]["requests"], c["resources"]["limits"]
+                assert float(req["cpu"]) <= cpus and float(lim["cpu"]) <= cpus, (path.name, name)
+                assert _quantity_gib(lim["memory"]) <= gib, (
+                    f"{path.name}: {name} asks {lim['memory']}, {node} has ~{gib} GiB allocatable"
+                )
+            gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get(
+                "nvidia.com/gpu", 0
+            ))  # fmt: skip
+            assert gpus == {"head": 0, "gpu-8x": 8, "gpu-1x": 1}[name], (path.name, name)
+
+
+def test_kuberay_names_and_head_services_are_distinct():
+    names = [d["metadata"]["name"] for _, d in _ray_docs()]
+    assert len(names) == len(set(names)), names
+    services = kubernetes_names()["service"]
+    # A RayCluster's and a RayService's head service is <name>-head-svc (a RayJob's cluster gets a
+    # generated suffix): two equal names would make the RayService rewrite the other's Service.
+    heads = [f"{d['metadata']['name']}-head-svc" for _, d in _ray_docs() if d["kind"] != "RayJob"]
+    assert len(set(heads)) == len(heads) and set(heads) <= services
 
 
 def test_raycluster_autoscales_a_gpu_group_from_zero():
-    (doc,) = _yaml_docs(KUBERAY_DIR / "raycluster.yaml")
+    (doc,) = yaml.safe_load_all((KUBERAY_DIR / "raycluster.yaml").read_text())
     (gpu,) = doc["spec"]["workerGroupSpecs"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
 
 
-def test_rayjob_trains_the_7b_recipe_and_cleans_up():
-    (doc,) = _yaml_docs(KUBERAY_DIR / "rayjob-train-7b.yaml")
+def test_rayjob_trains_the_7b_recipe_from_shared_weights_and_cleans_up():
+    (doc,) = yaml.safe_load_all((KUBERAY_DIR / "train-7b" / "rayjob-train-7b.yaml").read_text())
     spec = doc["spec"]
     assert spec["entrypoint"].startswith(
         "python jobs/train.py --recipe platform/recipes/pixellm-7b.yaml"
     )
+    assert "--set model.weights_path=/mnt/shared/models/llava-1.5-7b-hf" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://pixellm-mlflow:5000"
+    assert (
+        "delete -k cluster/kuberay/train-7b && kubectl apply -k"
+        in (KUBERAY_DIR / "train-7b" / "rayjob-train-7b.yaml").read_text()
+    )
 
 
-def test_rayservice_serves_the_registered_model_through_build_app():
-    (doc,) = _yaml_docs(KUBERAY_DIR / "rayservice.yaml")
+def test_rayservice_follows_the_recipe_serve_section_and_reads_its_token_from_a_secret():
+    (doc,) = yaml.safe_load_all((KUBERAY_DIR / "serve-7b" / "rayservice.yaml").read_text())
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     assert app["import_path"] == "pixellm.serve.app:build_app"
     assert app["args"]["model"] == "models:/pixellm-7b/latest"
+    assert "bearer_token" not in json.dumps(serve_config), "the token never goes in the config"
     module, attr = app["import_path"].split(":")
     source = ROOT / (module.replace(".", "/") + ".py")
-    assert source.is_file(), f"import_path {app['import_path']}: missing {source.relative_to(ROOT)}"
-    assert re.search(rf"^def {attr}\(", source.read_text(), re.M), (
-        f"{source.name} defines no {attr}()"
+    assert re.search(rf"^def {attr}\(", source.read_text(), re.M), f"{source.name}: no {attr}()"
+    recipe = yaml.safe_load((ROOT / "platform" / "recipes" / "pixellm-7b.yaml").read_text())
+    assert app["args"]["recipe"].endswith("platform/recipes/pixellm-7b.yaml")
+    assert recipe["serve"]["num_gpus"] == 1
+    (gpu,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    # One replica per 1-GPU pod: the pod bound is the recipe's replica bound.
+    assert int(limits["nvidia.com/gpu"]) == recipe["serve"]["num_gpus"]
+    assert gpu["minReplicas"] == recipe["serve"]["min_replicas"]
+    assert gpu["maxReplicas"] == recipe["serve"]["max_replicas"]
+    for _, group in _groups(doc["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        token = env["PIXELLM_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert token == {"name": "pixellm-serve-token", "key": "token"}
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_kustomization_sets_the_image_of_every_container(directory, tmp_path):
+    """Kustomize (kubectl kustomize) reaches every container: a registry edit lands everywhere."""
+    if (directory / "kustomization.yaml").read_text().count("kind: Component"):
+        pytest.skip("the image component itself")
+    rendered = kustomize(directory)
+    if rendered is None:
+        pytest.skip("neither kubectl nor kustomize installed")
+    # Point the component at a registry in a copy of the tree, render, and look at every image.
+    copy = tmp_path / "kuberay"
+    shutil.copytree(KUBERAY_DIR, copy)
+    component = copy / "image" / "kustomization.yaml"
+    component.write_text(
+        component.read_text().replace("newName: pixellm", "newName: registry.example/pixellm")
     )
+    rendered = kustomize(copy / directory.relative_to(KUBERAY_DIR))
+    images = set(re.findall(r"'image': '([^']+)'", str(rendered)))
+    assert images, "no container images rendered"
+    ours = {i for i in images if "pixellm" in i}
+    assert ours == {"registry.example/pixellm:0.1.0"}, images
 
 
-def test_kuberay_volumes_and_services_resolve():
+def test_kuberay_mlflow_is_cluster_internal():
     docs = _kuberay_docs()
-    claims = {d["metadata"]["name"] for _, d in docs if d["kind"] == "PersistentVolumeClaim"}
-    services = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Service"}
-    assert (
-        "pixellm-mlflow" in services
-        and services["pixellm-mlflow"]["spec"]["ports"][0]["port"] == 5000
-    )
+    for _, d in docs:
+        if d.get("kind") == "Service":
+            assert d["spec"].get("type", "ClusterIP") == "ClusterIP", d["metadata"]["name"]
+        assert d.get("kind") not in ("Ingress", "Gateway"), d["metadata"]["name"]
+    claims = {d["metadata"]["name"] for _, d in docs if d.get("kind") == "PersistentVolumeClaim"}
     for path, doc in docs:
-        text = yaml.safe_dump(doc)
-        for claim in re.findall(r"claimName: ([\w-]+)", text):
+        for claim in re.findall(r"'claimName': '([\w-]+)'", str(doc)):
             assert claim in claims, f"{path.name}: claim {claim} is not defined in cluster/kuberay"
     (mlflow,) = [
         d
         for _, d in docs
-        if d["kind"] == "Deployment" and d["metadata"]["name"] == "pixellm-mlflow"
+        if d.get("kind") == "Deployment" and d["metadata"]["name"] == "pixellm-mlflow"
     ]
     args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "postgresql://" in args and "/mnt/shared/mlflow-artifacts" in args
+
+
+def test_the_shared_volume_is_made_writable_for_the_pod_user():
+    (job,) = yaml.safe_load_all((KUBERAY_DIR / "shared-init.yaml").read_text())
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["runAsUser"] == 0
+    script = " ".join(c["args"])
+    assert "chown 1000:100" in script
+    for d in ("/mnt/shared/pixellm/shards", "/mnt/shared/models", "/mnt/shared/mlflow-artifacts"):
+        assert d in script, d
 
 
 # --------------------------------------------------------------------------- referenced files
@@ -244,7 +324,8 @@ def test_kuberay_volumes_and_services_resolve():
 REFERENCING_FILES = sorted(
     [
         *LAUNCHER_YAMLS,
-        *KUBERAY_DIR.glob("*.yaml"),
+        *KUBERAY_DIR.rglob("*.yaml"),
+        ROOT / "README.md",
         *(ROOT / "platform" / "runtime").glob("*.yaml"),
         ROOT / "platform" / "image" / "Dockerfile",
         ROOT / "docs" / "cluster.md",
@@ -264,7 +345,7 @@ def test_every_referenced_entrypoint_and_config_exists(path):
 
 
 def test_the_path_check_sees_kuberay_entrypoints():
-    refs = set().union(*(_referenced_paths(p.read_text()) for p in KUBERAY_DIR.glob("*.yaml")))
+    refs = set().union(*(_referenced_paths(p.read_text()) for p in KUBERAY_DIR.rglob("*.yaml")))
     assert {"jobs/train.py", "platform/recipes/pixellm-7b.yaml"} <= refs
 
 
@@ -379,3 +460,136 @@ def test_local_sh_is_executable_bash_with_a_usage_line():
         "a bare `ray stop` kills every Ray on the machine"
     )
     assert "--node-ip-address 127.0.0.1" in text and "--host 127.0.0.1" in text
+
+
+def test_local_sh_guards_its_private_ray_patches():
+    """The two patched Ray internals exist in this Ray, and local.sh refuses loudly when they move."""
+    import ray._private.ray_constants as ray_constants
+    import ray._private.services as services
+
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    assert hasattr(services, "resolve_ip_for_localhost")
+    text = (ROOT / "cluster" / "local.sh").read_text()
+    assert "hasattr(module, name)" in text and "ray.__version__" in text
+    assert 'n.node_ip != "127.0.0.1"' in text  # every registered node checked for loopback
+    # The Ray range pyproject admits is the one the patches were checked on.
+    spec = _pyproject_requirements()["ray"].specifier
+    assert (
+        spec.contains(ray.__version__)
+        and not spec.contains("2.61.0")
+        and not spec.contains("2.59.0")
+    )
+
+
+# --------------------------------------------------------------------------- one CUDA story
+
+DOC_TEXT = (ROOT / "docs" / "cluster.md").read_text()
+_STORY = DOC_TEXT[
+    DOC_TEXT.index("<!-- cuda-story:begin -->") : DOC_TEXT.index("<!-- cuda-story:end -->")
+]
+STORY = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", _STORY, re.M))
+CUDA_FILES = [
+    ROOT / "platform" / "image" / "Dockerfile",
+    *sorted((ROOT / "platform" / "runtime").glob("*.yaml")),
+    *LAUNCHER_YAMLS,
+    *sorted(KUBERAY_DIR.rglob("*.yaml")),
+    ROOT / "docs" / "cluster.md",
+]
+_DIGEST = r"(?:@sha256:[0-9a-f]{64})?"
+
+
+def _untagged(image: str) -> str:
+    return re.sub(r"@sha256:[0-9a-f]{64}$", "", image)
+
+
+def test_the_cuda_story_is_stated_once_with_every_value():
+    assert {
+        "CUDA",
+        "NVIDIA driver (minimum)",
+        "torch",
+        "Ray image",
+        "GCP host image family",
+    } <= set(STORY)
+    assert DOC_TEXT.count("<!-- cuda-story:begin -->") == 1
+    major, minor = STORY["CUDA"].split(".")
+    assert STORY["Ray image"].endswith(f"-cu{major}{minor}")
+    assert f"cu{major}{minor}" in STORY["GCP host image family"]
+    assert STORY["GCP host image family"].endswith(f"nvidia-{STORY['NVIDIA driver (minimum)']}")
+
+
+@pytest.mark.parametrize("path", CUDA_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_file_tells_the_same_cuda_story(path):
+    text = path.read_text()
+    major = STORY["CUDA"].split(".")[0]
+    for found in re.findall(r"CUDA (\d+)(?:\.\d+)?", text):
+        assert found == major, f"{path.relative_to(ROOT)} says CUDA {found}, the story is {major}"
+    for tag in re.findall(r"\bcu(\d{3})\b", text):
+        assert tag == STORY["CUDA"].replace(".", ""), f"{path.relative_to(ROOT)}: cu{tag}"
+    for driver in re.findall(r"nvidia-(\d{3})\b", text):
+        assert int(driver) >= int(STORY["NVIDIA driver (minimum)"]), f"{path.relative_to(ROOT)}"
+    for pin in re.findall(r"torch==([\w.]+)", text):
+        assert pin == STORY["torch"], f"{path.relative_to(ROOT)}: torch=={pin}"
+    for image in re.findall(r"rayproject/ray:[\w.-]+" + _DIGEST, text):
+        assert _untagged(image) == STORY["Ray image"], f"{path.relative_to(ROOT)}: {image}"
+    assert not re.search(r"rayproject/ray:[\w.]+-py\d+-gpu\b", text), (
+        "`-gpu` is an alias: name the CUDA"
+    )
+
+
+def test_the_image_launchers_and_runtime_envs_use_the_story():
+    dockerfile = (ROOT / "platform" / "image" / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert _untagged(base) == STORY["Ray image"]
+    for path in LAUNCHER_YAMLS:
+        config = yaml.safe_load(path.read_text())
+        assert _untagged(config["docker"]["image"]) == STORY["Ray image"], path.name
+        init = " ".join(config["initialization_commands"])
+        assert "driver_version" in init and f"-ge {STORY['NVIDIA driver (minimum)']}" in init, (
+            path.name
+        )
+    gcp = yaml.safe_load((ROOT / "cluster" / "gcp.yaml").read_text())
+    for name, node in gcp["available_node_types"].items():
+        source = node["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+        assert source.endswith(f"/family/{STORY['GCP host image family']}"), name
+    env = yaml.safe_load((ROOT / "platform" / "runtime" / "gpu-pip.yaml").read_text())
+    assert f"torch=={STORY['torch']}" in env["pip"]["packages"]
+    assert f"torch=={STORY['torch']}" in dockerfile
+    assert (ROOT / "Makefile").read_text().count(f"torch=={STORY['torch']}") == 1
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "platform" / "runtime").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_runtime_envs_are_valid_for_ray(path):
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(path.read_text())
+    RuntimeEnv(**env)
+    if "image_uri" not in env:  # submitted with --working-dir
+        RuntimeEnv(**env, working_dir=".")
+
+
+def test_dockerignore_keeps_the_venv_and_runs_out_of_the_build_context():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "**" in lines, (
+        "allow-list: ignore everything, then re-include what the Dockerfile copies"
+    )
+    copied = re.findall(
+        r"^COPY \S+ (.+) \./", (ROOT / "platform" / "image" / "Dockerfile").read_text(), re.M
+    )
+    for sources in copied:
+        for src in sources.split():
+            assert f"!{src}" in lines or f"!{src}/" in lines, f".dockerignore drops {src}"
+    assert not any(ln.startswith("!") and (".venv" in ln or "runs" in ln) for ln in lines)
+
+
+# --------------------------------------------------------------------------- exposure
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_services_bind_loopback_or_the_private_address(path):
+    config = yaml.safe_load(path.read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in head, f"{path.name}: a head service binds every interface"
+    assert "--dashboard-host=127.0.0.1" in head
+    assert re.search(r"mlflow server .*--host \"\$\(hostname -I \| awk '\{print \$1\}'\)\"", head)

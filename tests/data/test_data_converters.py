@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 
-from pixellm.data.formats import DataError, load_refs, parse_format
+from pixellm.data.formats import DataError, load_refs
 from pixellm.data.schema import SHARD_SCHEMA, rle_to_mask
 from pixellm.data.shards import build_shards
 from pixellm.model.codebook import PLACEHOLDER
@@ -169,7 +169,10 @@ def test_bad_muse_records_are_quarantined_and_named(tmp_path: Path) -> None:
     by_reason = {r["reason"]: r for r in rejected["rows"]}
     assert by_reason["image_missing"]["sample_id"] == "muse/val/000002/q0"
     assert "missing.png" in by_reason["image_missing"]["detail"]
-    assert by_reason["malformed_record"]["source"] == "muse_val.json[7]"
+    assert (by_reason["malformed_record"]["file"], by_reason["malformed_record"]["record"]) == (
+        "muse_val.json",
+        "[7]",
+    )
     assert "outside the 32x24 image" in by_reason["segmentation_out_of_bounds"]["detail"]
 
 
@@ -190,61 +193,3 @@ def test_refer_pickle_is_loaded_without_executing_code(
     good = tmp_path / "good.p"
     good.write_bytes(pickle.dumps([{"ref_id": 1, "sentences": [{"sent": "x"}]}]))
     assert load_refs(good)[0]["ref_id"] == 1
-
-
-def test_bad_llava_and_reasonseg_records(tmp_path: Path) -> None:
-    img = tmp_path / "images"
-    img.mkdir()
-    _png(img / "a.png")
-    llava = [
-        {
-            "id": "1",
-            "image": "a.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nHow many circles?"},
-                {"from": "gpt", "value": "Two."},
-            ],
-        },
-        {
-            "id": "2",
-            "image": "a.png",
-            "conversations": [
-                {"from": "human", "value": "Where?"},
-                {"from": "gpt", "value": "Here [SEG]."},
-            ],
-        },
-        {
-            "id": "3",
-            "image": "a.png",
-            "conversations": [{"from": "gpt", "value": "x"}, {"from": "gpt", "value": "y"}],
-        },
-    ]
-    (tmp_path / "llava").mkdir()
-    (tmp_path / "llava/l.json").write_text(json.dumps(llava))
-    res = build_shards("llava", tmp_path / "llava/l.json", str(tmp_path / "o1"), engine="local")
-    assert res.manifest["splits"]["train"]["rows"] == 1
-    assert res.manifest["rejected"]["by_reason"] == {"malformed_record": 1, "seg_count_mismatch": 1}
-    rs = tmp_path / "reasonseg" / "val"
-    rs.mkdir(parents=True)
-    shape = {"label": "target", "points": [[1, 1], [9, 1], [9, 9]]}
-    (rs / "a.json").write_text(
-        json.dumps({"text": ["the red one"], "is_sentence": False, "shapes": [shape]})
-    )
-    (rs / "b.json").write_text(
-        json.dumps(
-            {"text": ["x"], "shapes": [{"label": "ignore", "points": [[1, 1], [2, 2], [1, 2]]}]}
-        )
-    )
-    _png(rs / "a.png")
-    res = build_shards("reasonseg", tmp_path / "reasonseg", str(tmp_path / "o2"), engine="local")
-    assert res.manifest["splits"]["val"]["rows"] == 1
-    assert res.manifest["rejected"]["rows"][0]["reason"] == "malformed_record"
-    assert "no shape labelled 'target'" in res.manifest["rejected"]["rows"][0]["detail"]
-
-
-def test_unreadable_input_file_raises_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "muse_train.json").write_text("{not json")
-    with pytest.raises(DataError, match=r"muse_train.json: cannot read JSON"):
-        parse_format("muse", tmp_path)
-    with pytest.raises(DataError, match="does not exist"):
-        parse_format("coco", tmp_path / "nope.json")

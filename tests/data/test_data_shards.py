@@ -100,3 +100,54 @@ def test_cli_generate_and_build(tmp_path: Path, capsys: pytest.CaptureFixture) -
         )
         == 2
     )
+
+
+@pytest.mark.integration
+def test_ray_job_quarantines_bombs_escapes_and_surrogates(tmp_path: Path, ray_cluster) -> None:
+    """The inputs that used to abort the Ray job: rejected with reasons, the job completes."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 24), (200, 10, 10)).save(images / f"{i}.png")
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    (images / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
+    turn = [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "One."}]
+    recs = [{"id": "x", "image": f"{i}.png", "conversations": turn} for i in range(3)]
+    recs += [
+        {"id": "x", "image": "bomb.png", "conversations": turn},
+        {"id": "x", "image": "/etc/hostname", "conversations": turn},
+        {
+            "id": "x",
+            "image": "0.png",
+            "conversations": [turn[0], {"from": "gpt", "value": "\udcff"}],
+        },
+        {"id": "x", "image": "0.png", "conversations": [turn[0], {"from": "gpt", "value": None}]},
+    ]
+    (tmp_path / "l.json").write_text(json.dumps(recs))
+    kw = {"images": images, "rows_per_shard": 2}
+    ray_run = build_shards("llava", tmp_path / "l.json", str(tmp_path / "ray"), engine="ray", **kw)
+    again = build_shards("llava", tmp_path / "l.json", str(tmp_path / "ray"), engine="ray", **kw)
+    local = build_shards(
+        "llava", tmp_path / "l.json", str(tmp_path / "local"), engine="local", **kw
+    )
+    assert ray_run.manifest["rejected"]["by_reason"] == {
+        "image_path_escape": 1,
+        "image_too_large": 1,
+        "invalid_text": 1,
+        "malformed_record": 1,
+    }
+    assert ray_run.manifest == again.manifest == local.manifest
+    assert ray_run.manifest["splits"]["train"]["rows"] == 3  # one id, three unique sample_ids

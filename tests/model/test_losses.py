@@ -154,3 +154,33 @@ def test_mask_losses_errors_name_question_and_shapes() -> None:
         mask_losses([logits, logits], [targets], alpha=2.0)
     with pytest.raises(ValueError, match=r"dice_loss: mask logits shape \(2, 2, 2\)"):
         dice_loss(logits, targets[0])
+
+
+def test_mask_losses_are_float32_under_a_bf16_autocast() -> None:
+    # bf16 logits (a DeepSpeed bf16 engine) inside a CPU bf16 autocast: the losses still come out
+    # in float32 and equal the float32 computation on the same values.
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 16, 16) * 3).to(torch.bfloat16)
+    targets = (torch.rand(3, 16, 16) > 0.5).float()
+    ref32 = mask_losses([logits.float()], [targets], alpha=2.0)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = mask_losses([logits.requires_grad_()], [targets], alpha=2.0)
+    assert got.ref.dtype == torch.float32 and got.dice.dtype == torch.float32
+    torch.testing.assert_close(got.ref, ref32.ref)
+    torch.testing.assert_close(got.dice, ref32.dice)
+    got.ref.backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+
+
+def test_mask_iou_and_score_loss_by_hand() -> None:
+    from pixellm.model.losses import mask_iou, score_loss
+
+    logits = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]], [[-1.0, -1.0], [-1.0, -1.0]]])
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    ious = mask_iou(logits, targets)
+    torch.testing.assert_close(ious, torch.tensor([0.5, 1.0]))  # empty vs empty = 1
+    scores = torch.tensor([0.7, 0.8], requires_grad=True)
+    loss = score_loss(scores, ious)
+    torch.testing.assert_close(loss, torch.tensor((0.2**2 + 0.2**2) / 2))
+    loss.backward()
+    assert scores.grad is not None and bool((scores.grad != 0).all())

@@ -123,6 +123,7 @@ def test_every_parameter_gets_a_gradient() -> None:
     out = dec(feats, index, states)
     target = torch.rand(out.mask_logits.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     loss = torch.nn.functional.binary_cross_entropy_with_logits(out.mask_logits, target.float())
+    loss = loss + out.scores.square().sum()  # the score head is trained by its own loss
     loss.backward()
     missing = [n for n, p in dec.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []

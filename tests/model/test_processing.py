@@ -69,3 +69,56 @@ def test_bad_roles_raise(processor):
         processor.encode_conversation(
             [{"role": "assistant", "text": "a"}, {"role": "user", "text": "b"}]
         )
+
+
+def _llama_style_tokenizer():
+    """A sentencepiece-style BPE like Llama-2's (▁ word starts, a prepended ▁), built offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Llama-2's tokenizer.json: prepend "▁" and turn spaces into "▁"; pieces start at each "▁"
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    text = [
+        "USER: <image> Please segment the small red circle. ASSISTANT: the small red circle."
+    ] * 8
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False
+    )
+    tok.train_from_iterator(text, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def test_answer_ids_are_the_joint_tokenisation_with_a_llama_style_tokenizer():
+    from pixellm.model.codebook import SegCodebook
+    from pixellm.model.processing import PixelLMProcessor
+
+    tok = _llama_style_tokenizer()
+    SegCodebook.add_to(tok, 2, 1)
+    proc = PixelLMProcessor(tok, SegCodebook(tok, 2, 1), 64, 4, 256)
+    question, answer = "Please segment the small red circle.", "the small red circle."
+    enc = proc.encode_conversation(
+        [{"role": "user", "text": question}, {"role": "assistant", "text": answer}]
+    )
+    prompt = proc.prompt_ids(question)  # what generation continues from
+    assert enc.input_ids[: len(prompt)] == prompt
+    answer_ids = enc.input_ids[len(prompt) : -1]
+    joint = tok(
+        proc._user_prefix(True) + question + " ASSISTANT: " + answer, add_special_tokens=False
+    )
+    assert [tok.bos_token_id, *joint.input_ids] == enc.input_ids[:-1]
+    # the separately tokenised " " + answer starts with a lone "▁" that the joint ids never hold
+    separate = tok(" " + answer, add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(separate[0]) == "▁" and separate != answer_ids
+    assert tok.convert_ids_to_tokens(answer_ids[0]) == "▁the"
+    assert enc.labels[len(prompt) : -1] == answer_ids

@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 
 from pixellm.config import Recipe, load_recipe
+from tests.train.resume_helpers import (
+    RESUME_RUN,
+    TINY,
+    metric_history,
+    read_sample_log,
+    tiny_recipe_overrides,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "platform" / "recipes" / "tiny.yaml"
 _FORMATS = [
     ("muse", "muse", "muse"),
     ("coco", "coco/instances.json", "sem_seg"),
@@ -87,20 +92,19 @@ def make_recipe() -> Callable[..., Recipe]:
 
 def tiny_recipe(env: dict, run_name: str, *overrides: str) -> Recipe:
     """The tiny recipe on the test shards, storage and MLflow server, plus ``overrides``."""
-    return load_recipe(
-        TINY,
-        overrides=[
-            f"data.shards_root={env['shards']}",
-            f"train.storage_path={env['root'] / 'ray_results'}",
-            f"train.run_name={run_name}",
-            f"mlflow.tracking_uri={env['mlflow_uri']}",
-            "mlflow.experiment=pixellm-tests",
-            f"mlflow.registered_model_name={run_name}-model",
-            "train.num_workers=2",
-            "train.cpus_per_worker=0.5",
-            "train.micro_batch_size=1",
-            "train.warmup_steps=1",
-            "train.checkpoint_every=2",
-            *overrides,
-        ],
-    )
+    return load_recipe(TINY, overrides=[*tiny_recipe_overrides(env, run_name), *overrides])
+
+
+@pytest.fixture(scope="session")
+def reference_run(train_env: dict, ray_cluster: None) -> dict:
+    """The uninterrupted 2-worker run every resume drill is compared with (run once per session)."""
+    from pixellm.train import train
+
+    recipe = tiny_recipe(train_env, "reference", *RESUME_RUN)
+    result = train(recipe)
+    return {
+        "recipe": recipe,
+        "result": result,
+        "samples": {r: read_sample_log(result.run_dir, r) for r in range(2)},
+        "loss": metric_history(train_env, result.mlflow_run_id, "loss"),
+    }

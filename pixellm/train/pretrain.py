@@ -1,0 +1,227 @@
+"""``pixellm pretrain-tiny``: a *pretrained* tiny LLaVA for the quickstart, in the llava-hf layout.
+
+A real user starts PixelLM from ``llava-hf/llava-1.5-7b-hf`` (``model.base: llava`` +
+``model.weights_path``) with CLIP and the LLM frozen. On a CPU there is no such model, so this stage
+makes a small one: the tiny LLaVA of ``model.tiny`` (random CLIP, projector and Llama) trained end to
+end — CLIP, projector and LLM all trainable — with the LLaVA objective, next-token cross-entropy on
+the assistant answers of the generated corpus (grounded VQA: "the small red circle and the large blue
+square.", "There is no green star in this image.", "There are two circles."), with the ``[SEG]``
+placeholders removed (the base model knows nothing of PixelLM's codebook; PixelLM adds it). The
+image goes through the same path PixelLM uses (deepest ``feature_layers[0]`` CLIP layer pooled to
+``llm_image_grid``² tokens), so the pretrained CLIP learns what the questions ask about: colours,
+kinds, sizes and positions of the shapes.
+
+Saved with ``save_pretrained`` (``config.json`` + ``model.safetensors``, tokenizer files) and a
+``pretrain.json`` holding the inputs' hash: a later run with the same inputs reuses the directory.
+
+Shape notation: B = images, T = tokens, g = CLIP patch grid, G = ``llm_image_grid``, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pixellm.config import DataConfig, ModelConfig
+
+__all__ = ["PretrainOptions", "pretrain_tiny", "pretrain_key"]
+
+INFO_NAME = "pretrain.json"
+
+
+@dataclass
+class PretrainOptions:
+    """Knobs of the tiny LLaVA pretraining (defaults: about a minute on 2 idle CPU cores)."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    seed: int = 0
+    mixture: dict[str, float] | None = None  # None = {muse: 2, refer_seg: 1, vqa: 1, sem_seg: 1}
+    log_every: int = 25
+
+
+def pretrain_key(
+    model: ModelConfig, shards_root: str | Path, opts: PretrainOptions, data_key: str | None = None
+) -> str:
+    """Hash of everything the pretrained weights depend on: sizes, options and the data
+    (``data_key``, e.g. a hash of the generated corpus; default: the shard manifests)."""
+    manifests = sorted(Path(shards_root).glob("*/manifest.json"))
+    data = data_key or [hashlib.sha256(p.read_bytes()).hexdigest() for p in manifests]
+    blob = json.dumps(
+        {
+            "tiny": model.tiny.model_dump(mode="json"),
+            "image_size": model.image_size,
+            "feature_layers": model.feature_layers,
+            "llm_image_grid": model.llm_image_grid,
+            "max_length": model.max_length,
+            "opts": asdict(opts),
+            "data": data,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _batches(
+    model: ModelConfig, shards_root: str, opts: PretrainOptions, processor: Any
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated (image, answer-without-[SEG]) batches from the mixed train stream."""
+    from pixellm.data.stream import fetch_rows, make_plan
+
+    mixture = opts.mixture or {"muse": 2.0, "refer_seg": 1.0, "vqa": 1.0, "sem_seg": 1.0}
+    data = DataConfig(shards_root=shards_root, mixture=mixture)
+    plan = make_plan(data, "train", opts.steps * opts.batch_size, seed=opts.seed)
+    pending: list[dict[str, Any]] = []
+    for i in range(0, len(plan), 64):
+        for row in fetch_rows(plan[i : i + 64]).to_pylist():
+            conv = [
+                {"role": t["role"], "text": " ".join(t["text"].replace("[SEG]", "").split())}
+                for t in row["conversation"]
+            ]
+            try:
+                enc = processor.encode_conversation(conv)
+            except ValueError:
+                continue  # too long for model.max_length: not a pretraining sample
+            with Image.open(io.BytesIO(row["image"])) as im:
+                pixels, _ = processor.transform_image(im)
+            pending.append({"ids": enc.input_ids, "labels": enc.labels, "pixels": pixels})
+            if len(pending) == opts.batch_size:
+                yield _collate(pending, processor)
+                pending = []
+
+
+def _collate(rows: list[dict[str, Any]], processor: Any) -> dict[str, torch.Tensor]:
+    pad = processor.tokenizer.pad_token_id
+    return {
+        "pixel_values": torch.stack([r["pixels"] for r in rows]),  # (B, 3, S, S)
+        "input_ids": processor.pad([r["ids"] for r in rows], pad),  # (B, T)
+        "labels": processor.pad([r["labels"] for r in rows], -100),  # (B, T)
+        "attention_mask": processor.pad([[1] * len(r["ids"]) for r in rows], 0),  # (B, T)
+    }
+
+
+def _lm_loss(llava: Any, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token CE of the answers, the image fed exactly as PixelLM feeds it (with gradients)."""
+    vision = llava.model.vision_tower
+    out = vision(batch["pixel_values"], output_hidden_states=True, interpolate_pos_encoding=True)
+    hs = out.hidden_states[cfg.feature_layers[0]][:, 1:]  # (B, g*g, Cv), CLS dropped
+    b, n, c = hs.shape
+    g = int(math.isqrt(n))
+    grid = F.interpolate(
+        hs.transpose(1, 2).reshape(b, c, g, g),
+        size=(cfg.llm_image_grid, cfg.llm_image_grid),
+        mode="bilinear",
+        align_corners=False,
+    )  # (B, Cv, G, G)
+    image_embeds = llava.model.multi_modal_projector(grid.flatten(2).transpose(1, 2))  # (B, G*G, H)
+    ids = batch["input_ids"]
+    embeds = llava.get_input_embeddings()(ids)  # (B, T, H)
+    is_image = ids == llava.config.image_token_id
+    embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
+    hidden = llava.model.language_model(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    logits = llava.lm_head(hidden[:, :-1]).float()  # (B, T-1, V)
+    return F.cross_entropy(
+        logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+
+
+def pretrain_tiny(
+    model: ModelConfig,
+    shards_root: str | Path,
+    out: str | Path,
+    opts: PretrainOptions | None = None,
+    log: Any = print,
+    data_key: str | None = None,
+) -> Path:
+    """Pretrain the tiny LLaVA of ``model.tiny`` on ``shards_root`` and save it to ``out``.
+
+    Reuses ``out`` when its ``pretrain.json`` holds the same ``pretrain_key``.
+
+    Returns:
+        ``out``: a local llava-hf directory for ``model.base: llava`` + ``model.weights_path``.
+    """
+    from pixellm.model.backbone import build_llava
+    from pixellm.model.codebook import SegCodebook
+    from pixellm.model.processing import PixelLMProcessor
+    from pixellm.model.tokenizer import build_tiny_tokenizer
+
+    opts = opts or PretrainOptions()
+    out = Path(out)
+    tiny = model.model_copy(update={"base": "tiny", "weights_path": None})
+    key = pretrain_key(tiny, shards_root, opts, data_key)
+    info_path = out / INFO_NAME
+    if info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
+        log(f"    reusing pretrained tiny LLaVA {out} (inputs unchanged, key {key})")
+        return out
+    base_tok = build_tiny_tokenizer(tiny.tiny.vocab_size)  # what is saved: no codebook tokens
+    proc_tok = build_tiny_tokenizer(tiny.tiny.vocab_size)  # same ids + codebook (never emitted)
+    SegCodebook.add_to(proc_tok, tiny.num_scales, tiny.tokens_per_group)
+    processor = PixelLMProcessor(
+        proc_tok,
+        SegCodebook(proc_tok, tiny.num_scales, tiny.tokens_per_group),
+        tiny.image_size,
+        tiny.llm_image_grid**2,
+        tiny.max_length,
+        tiny.system_prompt,
+    )
+    torch.manual_seed(opts.seed)
+    llava = build_llava(tiny, base_tok).train()
+    optim = torch.optim.AdamW(llava.parameters(), lr=opts.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim,
+        lambda s: (
+            min(1.0, (s + 1) / max(1, opts.warmup_steps)) * max(0.1, 1 - s / max(1, opts.steps))
+        ),
+    )
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    step = 0
+    for step, batch in enumerate(_batches(tiny, str(shards_root), opts, processor), 1):
+        loss = _lm_loss(llava, tiny, batch)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % opts.log_every == 0 or step == opts.steps:
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / step * (opts.steps - step)
+            recent = sum(losses[-opts.log_every :]) / len(losses[-opts.log_every :])
+            log(
+                f"    pretrain step {step}/{opts.steps} loss_lm={recent:.4f} "
+                f"samples/s={step * opts.batch_size / elapsed:.1f} ETA {eta:.0f}s"
+            )
+    if not losses:
+        raise RuntimeError(f"pretraining found no usable train rows under {shards_root}")
+    out.mkdir(parents=True, exist_ok=True)
+    llava.eval().save_pretrained(out)
+    base_tok.save_pretrained(out)
+    first = sum(losses[:25]) / len(losses[:25])
+    last = sum(losses[-25:]) / len(losses[-25:])
+    info = {
+        "key": key,
+        "steps": step,
+        "loss_lm_first": first,
+        "loss_lm_last": last,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "options": asdict(opts),
+    }
+    info_path.write_text(json.dumps(info, indent=2))
+    log(f"    saved pretrained tiny LLaVA to {out} (loss_lm {first:.3f} → {last:.3f})")
+    return out
