@@ -86,7 +86,7 @@ class _FilteredStream(io.TextIOBase):
     (``[pixellm.…]``, their Ray ``(pid=…)`` prefix stripped)."""
 
     def __init__(self, log: Any, terminal: Any) -> None:
-        self.log, self.terminal, self.pending = log, terminal, ""
+        self.log, self.terminal, self.pending, self.last = log, terminal, "", ""
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -94,7 +94,9 @@ class _FilteredStream(io.TextIOBase):
         *lines, self.pending = re.split(r"[\r\n]", self.pending)
         for line in lines:
             m = re.search(r"\[pixellm\.[a-z_]+\] .*", line)
-            if m and "\x1b" not in line:
+            # Ray forwards a worker line once per stream it saw it on: show it once
+            if m and m.group(0) != self.last:
+                self.last = m.group(0)
                 self.terminal.write("    " + m.group(0) + "\n")
         return len(text)
 
@@ -314,7 +316,7 @@ def _mlflow_command(kind: str, out: Path, port: int) -> str:
     the runs' artifacts were written through the server to ``OUT/mlflow/artifacts``)."""
     return (
         f"mlflow {kind} --backend-store-uri sqlite:///{out / 'mlflow' / 'mlflow.db'} "
-        f"--artifacts-destination {out / 'mlflow' / 'artifacts'} --host 127.0.0.1 --port {port}"
+        f"--artifacts-destination {out / 'mlflow' / 'artifacts'} --host 127.0.0.1 --port {port} --workers 1"
     )
 
 

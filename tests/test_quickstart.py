@@ -99,7 +99,7 @@ with start_mlflow_server({str(out / "mlflow")!r}) as server:
 import time, mlflow
 from mlflow.tracking import MlflowClient
 uri = "http://127.0.0.1:{port}"
-for _ in range(120):
+for _ in range(600):  # a loaded machine can take minutes to start the UI
     try:
         c = MlflowClient(uri); c.search_experiments(); break
     except Exception:
@@ -116,7 +116,7 @@ print("MODEL_ARTIFACTS", sorted(a.path for a in found))
             env=env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=900,
         )
     finally:
         server.terminate()
