@@ -31,6 +31,7 @@ from pixellm.model.pixel_decoder import (
     PixelDecoderOutput,
     _Attention,
     _TwoWayLayer,
+    mask_scores,
 )
 
 __all__ = ["AuthorsPixelDecoder", "build_authors_decoder"]
@@ -150,7 +151,8 @@ class AuthorsPixelDecoder(nn.Module):
             token_states: ``(K, 2, N, D)`` codebook states, level-major.
 
         Returns:
-            ``mask_logits (K, 4g, 4g)``, ``scale_logits (K, 2, 4g, 4g)`` (resized), ``gamma (2,)``.
+            ``mask_logits (K, 4g, 4g)``, ``scale_logits (K, 2, 4g, 4g)`` (resized), ``gamma (2,)``,
+            ``scores (K,)`` (mean foreground probability, as the release scored masks).
 
         Raises:
             ValueError: not two levels, or states that do not match the features.
@@ -197,7 +199,11 @@ class AuthorsPixelDecoder(nn.Module):
             )
         scale_logits = torch.stack(scales, 1)  # (K, 2, 4g, 4g)
         mask = torch.einsum("l,klhw->khw", gamma, scale_logits)
-        return PixelDecoderOutput(mask_logits=mask, scale_logits=scale_logits, gamma=gamma)
+        # the release's score: mean foreground probability (no score head; detached, untrained)
+        scores = mask_scores(mask).detach()
+        return PixelDecoderOutput(
+            mask_logits=mask, scale_logits=scale_logits, gamma=gamma, scores=scores
+        )
 
 
 def build_authors_decoder(

@@ -691,9 +691,10 @@ def build_pixellm(
         return build_from_import(cfg)
     processor = processor or build_processor(cfg)
     if llava is None:
-        llava = build_llava(
-            cfg, processor.tokenizer, processor.codebook.ids, dtype=dtype, device=device
-        )
+        # the release's codebook rows are trained weights of its checkpoint: never re-initialised
+        trained_rows = cfg.compat.codebook_tokens == "authors"
+        new_ids = [] if trained_rows else processor.codebook.ids
+        llava = build_llava(cfg, processor.tokenizer, new_ids, dtype=dtype, device=device)
     factor = cfg.compat.projector_hidden_factor
     if factor != 1:  # the release's p_V→T is Cv -> 2H -> H; its weights come with the model
         llava.model.multi_modal_projector = compat.WideProjector(
