@@ -87,16 +87,15 @@ def build_training_model(recipe: Recipe, ds_config: dict[str, Any]) -> Any:
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     use_gpu = recipe.train.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    zero3 = zero_stage(ds_config) == 3
+    # zero.Init only where weights are loaded (``from_pretrained``); the tiny model is built from
+    # config and small, and DeepSpeed partitions it at ``initialize``.
+    zero_init = zero_stage(ds_config) == 3 and recipe.model.base == "llava"
     # Without train_batch_size: DeepSpeed derives it; checked against a world size of 1 here
     # (deepspeed.comm is not set up yet), the recipe's global batch would be rejected.
-    zero_init = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
-    _HF_DS_CONFIG = HfDeepSpeedConfig(zero_init) if zero3 else None
+    init_cfg = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+    _HF_DS_CONFIG = HfDeepSpeedConfig(init_cfg) if zero_init else None
     torch.manual_seed(recipe.train.seed)
-    model = build_pixellm(recipe.model, dtype=dtype, device=None if zero3 else device)
-    if zero3 and recipe.model.base == "tiny":  # built from config, outside zero.Init
-        model = model.to(device)
-    return model
+    return build_pixellm(recipe.model, dtype=dtype, device=None if zero_init else device)
 
 
 def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tuple[Any, Any]:
