@@ -246,7 +246,10 @@ def build_train_dataset(recipe: Recipe, world: int, start_board: str | None = No
 
     layout = StreamLayout.for_train(recipe.train, world)
     plan = train_plan(recipe, world)
-    ds = ray.data.range(layout.num_blocks, override_num_blocks=layout.num_blocks)
+    # Block ids as in-memory items: no read task (a read task wants a whole CPU, which a laptop
+    # cluster full of train workers may not have), one id per input block.
+    ids = [{"id": g} for g in range(layout.num_blocks)]
+    ds = ray.data.from_items(ids, override_num_blocks=layout.num_blocks)
     # One block id per call: fetch + preprocess in the same actor, one output block per call.
     return ds.map_batches(
         PlanBlockPreprocess,
