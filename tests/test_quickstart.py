@@ -27,6 +27,7 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    terminal = proc.stdout  # what the user saw
     stages = ("corpus", "shards", "pretrain", "mlflow", "train", "score", "report")
     for i, stage in enumerate(stages, 1):
         assert f"[{i}/7] {stage} done in" in proc.stdout, stage
@@ -83,7 +84,7 @@ with start_mlflow_server({str(out / "mlflow")!r}) as server:
     assert "val Spearman(score, IoU)" in summary["Confidence (per-mask score vs IoU)"]
 
     # The printed MLflow command shows the artifacts of the training run and of the registered model.
-    line = next(ln for ln in proc.stdout.splitlines() if "MLflow UI" in ln)
+    line = next(ln for ln in terminal.splitlines() if "MLflow UI" in ln)
     ui = line.split("MLflow UI", 1)[1].split()
     assert "--artifacts-destination" in ui
     from pixellm.tracking import free_port

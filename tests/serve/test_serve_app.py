@@ -43,10 +43,10 @@ TIGHT_SET = [
     "serve.max_queued_requests=1",
     "serve.max_batch_size=4",
     "serve.batch_wait_timeout_s=3",
-    "serve.max_new_tokens=4",
+    "serve.max_new_tokens=7",  # the least a recipe may set: one target (L·N = 6) + EOS
     "serve.retry_after_s=2",
 ]
-BIG_SET = ["serve.max_new_tokens=1", "serve.max_batch_size=4"]
+BIG_SET = ["serve.max_new_tokens=7", "serve.max_batch_size=4"]  # 7: one target + EOS
 
 
 @pytest.fixture(scope="module")
