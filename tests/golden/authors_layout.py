@@ -179,6 +179,17 @@ def authors_state_shapes(vocab: int, s: dict = SIZES) -> dict[str, tuple[int, ..
     return out
 
 
+_UNIT_SCALE = {
+    "embed_tokens",
+    "position_embedding",
+    "iou_token",
+    "mask_tokens",
+    "level_embed",
+    "no_mask_embed",
+    "not_a_point_embed",
+}
+
+
 def _value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """A seeded tensor at a scale that keeps a random network's activations O(1)."""
     if name.endswith("inv_freq"):
@@ -190,15 +201,14 @@ def _value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Ten
         return 1.0 + 0.1 * x if name.endswith("weight") else 0.1 * x
     if len(shape) == 1:
         return 0.1 * x
-    if "gaussian" in name or "embed" in name.split(".")[-2] or "token" in name:
-        return x
-    if name.endswith("position_embedding.weight") or name.endswith("embed_tokens.weight"):
+    unit = name.split(".")[-2] in _UNIT_SCALE or "point_embeddings" in name
+    if "gaussian" in name or unit:  # embeddings and learned tokens: N(0, 1) as nn.Embedding
         return x
     fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
     if "ConvTranspose" in name or "upscaling.0" in name or "upsample_2x.0" in name:
         fan_in = shape[0]
-    # The two-way transformers at 1/sqrt(fan_in) are chaotic (a 1e-6 relative input change moves
-    # the mask logits by 1e-2); at a quarter of that scale float32 noise stays below 1e-4.
+    # the two-way transformers at a quarter of the usual scale: float32 noise (different attention
+    # kernels here and in transformers 4.31) is amplified less on its way to the mask logits
     gain = 0.25 if "mask_decoder.transformer." in name else 1.0
     return gain * x / fan_in**0.5
 
