@@ -28,7 +28,8 @@ from pixellm.data.collate import collate_batch
 from pixellm.data.corpus import generate_corpus
 from pixellm.data.schema import segmentation_to_rle
 from pixellm.data.shards import build_shards
-from pixellm.data.stream import PreprocessBatch, build_train_dataset, rows_to_columns
+from pixellm.data.stream import PreprocessBatch, rows_to_columns
+from pixellm.data.train_stream import build_train_dataset
 from pixellm.model.codebook import PLACEHOLDER
 
 

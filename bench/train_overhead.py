@@ -59,7 +59,8 @@ def make_shards(root: Path) -> Path:
 def stream_batches(recipe: Any) -> list[dict[str, Any]]:
     """The micro-batches the 1-worker stream yields, preprocessed and collated up front."""
     from pixellm.data.collate import collate_batch
-    from pixellm.data.stream import PreprocessBatch, fetch_rows, rows_to_columns, train_plan
+    from pixellm.data.stream import PreprocessBatch, fetch_rows, rows_to_columns
+    from pixellm.data.train_stream import train_plan
 
     plan = train_plan(recipe, world=1)
     rows = PreprocessBatch(recipe.model, recipe.data).process_rows(fetch_rows(plan).to_pylist())

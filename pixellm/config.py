@@ -215,9 +215,7 @@ class DataConfig(_Strict):
     shuffle_seed: int = 0
     preprocess_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data preprocessing task
     preprocess_actors: int | None = Field(None, ge=1)  # one pool per run; None = CPUs left / cpus
-    prefetch_batches: int = Field(
-        2, ge=0
-    )  # micro-batches each worker prefetches (iter_torch_batches)
+    prefetch_batches: int = Field(2, ge=0)  # micro-batches prefetched per worker
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -4,12 +4,19 @@ Stages (each prints its progress and wall time):
 
 1. corpus   — ``generate_corpus``: the shapes world in MUSE / COCO / refer / ReasonSeg / LLaVA formats;
 2. shards   — every format → Parquet shards with Ray Data (the converters users run on real corpora);
-3. mlflow   — ``mlflow server`` with a SQLite backend store on a free loopback port;
-4. train    — Ray Train + DeepSpeed (ZeRO-2, CPU) on the mixed stream; export + registered model;
-5. score    — the registered model deployed with Ray Serve; val, test_less and test_many streamed
+3. pretrain — ``pretrain_tiny``: a pretrained tiny LLaVA in the llava-hf layout (cached: reused when
+              its inputs are unchanged); PixelLM then loads it as a user loads llava-1.5-7b-hf
+              (``model.base: llava`` + ``model.weights_path``), CLIP and LLM frozen;
+4. mlflow   — ``mlflow server`` with a SQLite backend store on a free loopback port;
+5. train    — Ray Train + DeepSpeed (ZeRO-2, CPU) on the mixed stream; export + registered model;
+6. score    — the registered model deployed with Ray Serve; val, test_less and test_many streamed
               through the deployment with Ray Data; predictions scored by the MUSE protocol;
-6. report   — ``report.md`` / ``report.json`` / ``report.html`` with per-split gIoU/cIoU, no-target
-              accuracy, training curves, throughput, overlays and the commands to reproduce.
+7. report   — ``report.md`` / ``report.json`` / ``report.html`` with per-split gIoU/cIoU, no-target
+              accuracy, training curves, the score-vs-IoU plot, throughput, overlays and the commands
+              to reproduce.
+
+The terminal shows only the stage lines and the progress lines (steps, samples/s, ETA, losses);
+everything else Ray, Ray Data and the libraries print goes to ``OUT/logs/quickstart.log``.
 
 Everything started here (Ray, Serve, the MLflow server) is stopped on success, failure and Ctrl-C.
 Each run gets its own run name and free ports, so a second run does not collide with the first.
@@ -18,8 +25,10 @@ Each run gets its own run name and free ports, so a second run does not collide 
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -56,8 +65,57 @@ class QuickstartOptions:
     steps: int = 800
     micro_batch_size: int = 4
     workers: int = 1
-    max_new_tokens: int = 48
-    n_overlays: int = 8
+    max_new_tokens: int | None = None  # None = the recipe's (derived: no valid answer is cut)
+    n_overlays: int = 12  # shared out over val, test_less, test_many
+    pretrain_steps: int = 150  # 0 = skip pretraining: the random tiny LLaVA of the recipe
+
+
+_TERMINAL = sys.stdout  # the real terminal, kept before ``_quiet_terminal`` redirects
+
+
+def say(*parts: Any) -> None:
+    """Print one of the quickstart's own lines on the terminal (and into the log)."""
+    line = " ".join(str(p) for p in parts)
+    print(line, file=_TERMINAL, flush=True)
+    if sys.stdout is not _TERMINAL:
+        print(line, file=sys.stdout, flush=True)
+
+
+class _FilteredStream(io.TextIOBase):
+    """Everything to the log file; on the terminal only the training progress lines of workers
+    (``[pixellm.…]``, their Ray ``(pid=…)`` prefix stripped)."""
+
+    def __init__(self, log: Any, terminal: Any) -> None:
+        self.log, self.terminal, self.pending, self.last = log, terminal, "", ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.pending += text
+        *lines, self.pending = re.split(r"[\r\n]", self.pending)
+        for line in lines:
+            m = re.search(r"\[pixellm\.[a-z_]+\] .*", line)
+            # Ray forwards a worker line once per stream it saw it on: show it once
+            if m and m.group(0) != self.last:
+                self.last = m.group(0)
+                self.terminal.write("    " + m.group(0) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+
+@contextmanager
+def _quiet_terminal(log_path: Path) -> Iterator[None]:
+    """Send stdout/stderr (Ray's forwarded worker output, progress bars, warnings) to a log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out, err = sys.stdout, sys.stderr
+    with open(log_path, "a", buffering=1) as log:
+        sys.stdout = sys.stderr = _FilteredStream(log, out)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 class _Progress:
@@ -70,14 +128,13 @@ class _Progress:
 
     @contextmanager
     def stage(self, index: int, name: str, what: str) -> Iterator[None]:
-        print(f"\n[{index}/{self.total}] {name}: {what}", flush=True)
+        say(f"\n[{index}/{self.total}] {name}: {what}")
         t0 = time.monotonic()
         yield
         self.timings[name] = round(time.monotonic() - t0, 1)
-        print(
+        say(
             f"[{index}/{self.total}] {name} done in {self.timings[name]:.1f}s "
-            f"(total {time.monotonic() - self.start:.0f}s)",
-            flush=True,
+            f"(total {time.monotonic() - self.start:.0f}s)"
         )
 
 
@@ -106,7 +163,12 @@ def _start_ray(recipe: Any) -> None:
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(need)) + 2,
         include_dashboard=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}},
+        runtime_env={
+            "env_vars": {
+                "DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu",
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # worker-side bars: noise in the log
+            }
+        },
     )
 
 
@@ -119,7 +181,7 @@ def _build_all_shards(corpus: Path, shards: Path) -> dict[str, Any]:
         manifest = result.manifest
         rows[name] = {split: info["rows"] for split, info in manifest["splits"].items()}
         rejected = manifest["rejected"]["count"]
-        print(f"    {fmt:9s} → {name:10s} rows {rows[name]}  rejected {rejected}", flush=True)
+        say(f"    {fmt:9s} → {name:10s} rows {rows[name]}  rejected {rejected}")
     return rows
 
 
@@ -127,7 +189,11 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
     base = load_recipe(opts.recipe, opts.overrides)
     # a short run keeps a short warm-up (DeepSpeed needs at least one warm-up step)
     warmup = max(1, min(base.train.warmup_steps, opts.steps // 5))
+    weights = []
+    if opts.pretrain_steps:  # the real-weights path: the pretrained tiny LLaVA of stage 3
+        weights = ["model.base=llava", f"model.weights_path={_pretrained_dir(out)}"]
     return [
+        *weights,
         f"train.warmup_steps={warmup}",
         f"data.shards_root={out / 'shards'}",
         f"train.storage_path={out / 'ray_results'}",
@@ -141,8 +207,40 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
     ]
 
 
+def _pretrained_dir(out: Path) -> Path:
+    return out / "pretrained" / "tiny-llava"
+
+
+def _tree_hash(root: Path) -> str:
+    """sha256 over the relative paths and bytes of every file under ``root``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _pretrain(opts: QuickstartOptions, out: Path) -> Path:
+    from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
+
+    model = load_recipe(opts.recipe, opts.overrides).model
+    popts = PretrainOptions(steps=opts.pretrain_steps, seed=opts.seed)
+    return pretrain_tiny(
+        model,
+        out / "shards",
+        _pretrained_dir(out),
+        popts,
+        log=say,
+        data_key=_tree_hash(out / "corpus"),
+    )
+
+
 def _plot_curves(tracking_uri: str, run_id: str, path: Path) -> dict[str, list[float]]:
-    """Training curves (each loss term, smoothed) from the MLflow run → PNG; returns the series."""
+    """Training curves (each loss term, smoothed; ``val/giou`` when logged) from the MLflow run →
+    PNG; returns the series."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +250,15 @@ def _plot_curves(tracking_uri: str, run_id: str, path: Path) -> dict[str, list[f
     client = MlflowClient(tracking_uri)
     series = {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "loss_txt", "loss_ref", "loss_dice"):
+    val = sorted(client.get_metric_history(run_id, "val/giou"), key=lambda m: m.step)
+    if val:
+        series["val/giou"] = [m.value for m in val]
+        right = ax.twinx()
+        right.plot([m.step for m in val], series["val/giou"], "k.-", label="val/giou")
+        right.set_ylabel("val gIoU")
+        right.set_ylim(0, 1)
+        right.legend(loc="upper right")
+    for key in ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score"):
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if not hist:
             continue
@@ -167,7 +273,7 @@ def _plot_curves(tracking_uri: str, run_id: str, path: Path) -> dict[str, list[f
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (moving average)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(loc="lower left")
     ax.set_title("PixelLM tiny: training losses")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -193,7 +299,8 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
         for fmt, name in FORMATS.items()
     ]
     cmds += [
-        f"mlflow server --backend-store-uri sqlite:///{out / 'mlflow' / 'mlflow.db'} --artifacts-destination {out / 'mlflow' / 'artifacts'} --host 127.0.0.1 --port 5000",
+        f"pixellm pretrain-tiny --recipe {opts.recipe} --shards {out / 'shards'} --out {_pretrained_dir(out)} --steps {opts.pretrain_steps}",
+        _mlflow_command("server", out, 5000),
         "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000",
         f"pixellm train --recipe {opts.recipe} --set {sets}",
     ]
@@ -202,6 +309,15 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
         for s in SCORE_SPLITS
     ]
     return cmds
+
+
+def _mlflow_command(kind: str, out: Path, port: int) -> str:
+    """``mlflow ui|server`` over this run's store, artifacts included (``--artifacts-destination``:
+    the runs' artifacts were written through the server to ``OUT/mlflow/artifacts``)."""
+    return (
+        f"mlflow {kind} --backend-store-uri sqlite:///{out / 'mlflow' / 'mlflow.db'} "
+        f"--artifacts-destination {out / 'mlflow' / 'artifacts'} --host 127.0.0.1 --port {port} --workers 1"
+    )
 
 
 def _deploy(
@@ -252,7 +368,7 @@ def _score_splits(
             )
         )
         giou = result.report["splits"][split]["giou"]
-        print(
+        say(
             f"    {split:9s} {result.n_samples} questions in {result.seconds:.1f}s  gIoU {giou:.3f}"
         )
         throughput[f"serve_{split}_questions_per_s"] = round(
@@ -293,51 +409,70 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    progress = _Progress(6)
-    server = None
-    try:
-        with progress.stage(1, "corpus", f"generating {opts.images} images → {out / 'corpus'}"):
-            from pixellm.data.corpus import generate_corpus
+    progress = _Progress(7)
+    started: dict[str, Any] = {}  # the MLflow server, once started
+    with _quiet_terminal(out / "logs" / "quickstart.log"):
+        say(f"PixelLM quickstart → {out}  (full log: {out / 'logs' / 'quickstart.log'})")
+        try:
+            return _run_stages(opts, out, run_name, overrides, recipe, progress, started)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            _cleanup(started.get("server"))
 
-            generate_corpus(
-                out / "corpus", seed=opts.seed, images=opts.images, image_size=opts.image_size
-            )
-        with progress.stage(2, "shards", "converting every format to Parquet shards with Ray Data"):
-            _start_ray(recipe)
-            _build_all_shards(out / "corpus", out / "shards")
-        with progress.stage(3, "mlflow", "starting mlflow server (SQLite backend) on 127.0.0.1"):
-            from pixellm.tracking import start_mlflow_server
 
-            server = start_mlflow_server(out / "mlflow")
-            atexit.register(server.stop)  # backstop if the interpreter exits past ``finally``
-            # ray.init installs its own SIGTERM handler; ours raises KeyboardInterrupt so that
-            # ``finally`` stops Ray, Serve and this server.
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-            os.environ["MLFLOW_TRACKING_URI"] = server.uri
-            print(f"    tracking URI {server.uri}")
+def _run_stages(
+    opts: QuickstartOptions,
+    out: Path,
+    run_name: str,
+    overrides: list[str],
+    recipe: Any,
+    progress: _Progress,
+    started: dict[str, Any],
+) -> dict[str, Any]:
+    """Stages 1-7; what needs stopping afterwards is put in ``started``."""
+    with progress.stage(1, "corpus", f"generating {opts.images} images → {out / 'corpus'}"):
+        from pixellm.data.corpus import generate_corpus
+
+        generate_corpus(
+            out / "corpus", seed=opts.seed, images=opts.images, image_size=opts.image_size
+        )
+    with progress.stage(2, "shards", "converting every format to Parquet shards with Ray Data"):
+        _start_ray(recipe)
+        _build_all_shards(out / "corpus", out / "shards")
+    if opts.pretrain_steps:
         with progress.stage(
-            4, "train", f"{opts.steps} steps of Ray Train + DeepSpeed ({run_name})"
+            3,
+            "pretrain",
+            f"tiny LLaVA (CLIP + LLM), {opts.pretrain_steps} steps, llava-hf layout",
         ):
-            from pixellm.train.driver import train
+            _pretrain(opts, out)
+    with progress.stage(4, "mlflow", "starting mlflow server (SQLite backend) on 127.0.0.1"):
+        from pixellm.tracking import start_mlflow_server
 
-            result = train(recipe)
-            print(f"    exported {result.export_dir}; MLflow run {result.mlflow_run_id}")
-        model_uri = f"models:/{run_name}/latest"
-        with progress.stage(
-            5, "score", f"Ray Serve deployment of {model_uri}; MUSE splits via Ray Data"
-        ):
-            endpoint = _deploy(model_uri, opts.recipe, overrides, "quickstart", server.uri)
-            print(f"    endpoint {endpoint}/v1/segment")
-            scored = _score_splits(opts, out, model_uri, overrides, "quickstart", server.uri)
-        with progress.stage(6, "report", f"writing {out / 'report'}"):
-            summary = _summarise(
-                opts, out, server.uri, result, scored, run_name, overrides, progress
-            )
-        _print_final(out, server.uri, endpoint, summary)
-        return summary
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _cleanup(server)
+        server = start_mlflow_server(out / "mlflow")
+        started["server"] = server
+        atexit.register(server.stop)  # backstop if the interpreter exits past ``finally``
+        # ray.init installs its own SIGTERM handler; ours raises KeyboardInterrupt so that
+        # ``finally`` stops Ray, Serve and this server.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
+        say(f"    tracking URI {server.uri}")
+    with progress.stage(5, "train", f"{opts.steps} steps of Ray Train + DeepSpeed ({run_name})"):
+        from pixellm.train.driver import train
+
+        result = train(recipe)
+        say(f"    exported {result.export_dir}; MLflow run {result.mlflow_run_id}")
+    model_uri = f"models:/{run_name}/latest"
+    with progress.stage(
+        6, "score", f"Ray Serve deployment of {model_uri}; MUSE splits via Ray Data"
+    ):
+        endpoint = _deploy(model_uri, opts.recipe, overrides, "quickstart", server.uri)
+        say(f"    endpoint {endpoint}/v1/segment")
+        scored = _score_splits(opts, out, model_uri, overrides, "quickstart", server.uri)
+    with progress.stage(7, "report", f"writing {out / 'report'}"):
+        summary = _summarise(opts, out, server.uri, result, scored, run_name, overrides, progress)
+    _print_final(out, server.uri, endpoint, summary)
+    return summary
 
 
 def _summarise(
@@ -350,14 +485,15 @@ def _summarise(
     for key, values in series.items():
         first, last = _first_last(values)
         learning[key] = f"{first:.4f} → {last:.4f} (mean of first / last 10% of steps)"
-    metrics = result.metrics
     throughput = {
-        "train_samples_per_s": metrics.get("samples_per_s"),
-        "train_tokens_per_s": metrics.get("tokens_per_s"),
+        **_train_throughput(tracking_uri, result.mlflow_run_id),
         **scored["throughput"],
     }
+    confidence = _confidence(out, scored["predictions"], report_dir / "score_vs_iou.png")
     extra = {
         "Training curves": "training_curves.png",
+        "Score vs IoU (val)": "score_vs_iou.png",
+        "Confidence (per-mask score vs IoU)": confidence,
         "Learning (loss terms)": learning,
         "Throughput": throughput,
         "Stage wall times (s)": dict(progress.timings),
@@ -372,25 +508,61 @@ def _summarise(
     summary = {
         "options": asdict(opts),
         "report": report,
-        **{k: v for k, v in extra.items() if k != "Training curves"},
+        **{k: v for k, v in extra.items() if not str(v).endswith(".png")},
     }
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    from mlflow.tracking import MlflowClient
+
+    # the report (plots, overlays) becomes an artifact of the training run, next to its model
+    MlflowClient(tracking_uri).log_artifacts(result.mlflow_run_id, str(report_dir), "report")
     return summary
 
 
+def _train_throughput(tracking_uri: str, run_id: str) -> dict[str, float | None]:
+    """Median training samples/s and tokens/s over the logged steps (the first 10% skipped)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    out: dict[str, float | None] = {}
+    for key in ("samples_per_s", "tokens_per_s"):
+        values = [
+            m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ]
+        values = values[len(values) // 10 :]
+        out[f"train_{key}"] = round(float(sorted(values)[len(values) // 2]), 2) if values else None
+    return out
+
+
+def _confidence(out: Path, predictions: Path, plot: Path) -> dict[str, Any]:
+    """Spearman(score, IoU) per split and the val scatter plot."""
+    from pixellm.eval import load_benchmark
+    from pixellm.eval.confidence import plot_score_vs_iou, score_iou_pairs
+    from pixellm.eval.data import load_predictions
+
+    samples = load_benchmark(str(out / "shards" / "muse"), list(SCORE_SPLITS), with_images=False)
+    preds = load_predictions(predictions)
+    table: dict[str, Any] = {}
+    for split in SCORE_SPLITS:
+        res = score_iou_pairs(samples, preds, split)
+        rho = res.spearman
+        table[f"{split} Spearman(score, IoU)"] = "–" if rho is None else round(rho, 3)
+        table[f"{split} masks"] = len(res.ious)
+        if split == "val":
+            plot_score_vs_iou(res, plot, "val: per-mask score vs IoU")
+    return table
+
+
 def _print_final(out: Path, tracking_uri: str, endpoint: str, summary: dict[str, Any]) -> None:
-    print("\n=== PixelLM quickstart finished ===")
+    say("\n=== PixelLM quickstart finished ===")
     for split, m in summary["report"]["splits"].items():
-        print(
+        say(
             f"  {split:10s} gIoU {m['giou']:.3f}  cIoU {m['ciou']:.3f}  "
             f"questions {m['n_questions']}  no-target acc {m['no_target_accuracy']}"
         )
-    print(f"  report      {out / 'report' / 'report.md'}  (HTML: {out / 'report' / 'report.html'})")
-    print(
-        f"  MLflow UI   mlflow ui --backend-store-uri sqlite:///{out / 'mlflow' / 'mlflow.db'} --host 127.0.0.1"
-    )
-    print(f"  Serve       {endpoint}/v1/segment was live during scoring; serve it again with:")
-    print(f"              pixellm serve --model {summary['Run']['export_dir']}")
+    say(f"  report      {out / 'report' / 'report.md'}  (HTML: {out / 'report' / 'report.html'})")
+    say(f"  MLflow UI   {_mlflow_command('ui', out, 5000)}")
+    say(f"  Serve       {endpoint}/v1/segment was live during scoring; serve it again with:")
+    say(f"              pixellm serve --model {summary['Run']['export_dir']}")
 
 
 def _cleanup(server: Any) -> None:
@@ -423,7 +595,15 @@ def register_arguments(p: Any, on_run: Callable[[Any], int]) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of training")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, help="default: the recipe's"
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=d.pretrain_steps,
+        help="steps of the tiny LLaVA pretraining (0 = train on the random tiny LLaVA)",
+    )
     p.add_argument("--n-overlays", type=int, default=d.n_overlays)
     p.set_defaults(func=on_run)
 
@@ -441,4 +621,5 @@ def options_from_args(args: Any) -> QuickstartOptions:
         workers=args.workers,
         max_new_tokens=args.max_new_tokens,
         n_overlays=args.n_overlays,
+        pretrain_steps=args.pretrain_steps,
     )

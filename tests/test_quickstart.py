@@ -23,15 +23,28 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
     cmd = [
         sys.executable, "-m", "pixellm.cli", "quickstart", "--out", str(out),
         "--images", "24", "--steps", "4", "--micro-batch-size", "2", "--max-new-tokens", "16",
-        "--n-overlays", "2",
+        "--n-overlays", "2", "--pretrain-steps", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ("[1/6] corpus", "[2/6] shards", "[3/6] mlflow", "[4/6] train", "[5/6] score", "[6/6] report"):
-        assert f"{stage} done in" in proc.stdout, stage
+    terminal = proc.stdout  # what the user saw
+    stages = ("corpus", "shards", "pretrain", "mlflow", "train", "score", "report")
+    for i, stage in enumerate(stages, 1):
+        assert f"[{i}/7] {stage} done in" in proc.stdout, stage
+    # the terminal holds the quickstart's own lines only; Ray's output went to the log file
+    assert "\x1b[" not in proc.stdout and "Running Dataset" not in proc.stdout
+    assert "[pixellm.train] step 4/4" in proc.stdout  # worker progress lines are kept
+    assert "pretrain step 2/2" in proc.stdout
+    assert (out / "logs" / "quickstart.log").stat().st_size > 0
+    assert (out / "pretrained" / "tiny-llava" / "config.json").is_file()
     report_dir = out / "report"
-    for name in ("report.md", "report.json", "report.html", "training_curves.png", "summary.json"):
+    for name in (
+        "report.md", "report.json", "report.html", "training_curves.png", "score_vs_iou.png",
+        "summary.json",
+    ):  # fmt: skip
         assert (report_dir / name).is_file(), name
+    html_text = (report_dir / "report.html").read_text()
+    assert "score_vs_iou.png" in html_text
     overlays = list((report_dir / "overlays").glob("*.png"))
     assert overlays, "no overlay pictures"
     report = json.loads((report_dir / "report.json").read_text())
@@ -52,14 +65,69 @@ from pixellm.serve.loading import resolve_model_dir
 from pixellm.tracking import start_mlflow_server
 from pixellm.model import PixelLM
 import numpy as np
-with start_mlflow_server({str(out / 'mlflow')!r}) as server:
-    path = resolve_model_dir("models:/{run_name}/latest", server.uri, {str(tmp_path / 'dl')!r})
+with start_mlflow_server({str(out / "mlflow")!r}) as server:
+    path = resolve_model_dir("models:/{run_name}/latest", server.uri, {str(tmp_path / "dl")!r})
     model = PixelLM.from_pretrained(path)
     pred = model.predict([np.zeros((32, 48, 3), np.uint8)], ["Please segment the red shapes."], max_new_tokens=8)
     print("RELOADED", len(pred))
 """
-    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "RELOADED 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert summary["Throughput"]["train_samples_per_s"] > 0
+    assert "val Spearman(score, IoU)" in summary["Confidence (per-mask score vs IoU)"]
+
+    # The printed MLflow command shows the artifacts of the training run and of the registered model.
+    line = next(ln for ln in terminal.splitlines() if "MLflow UI" in ln)
+    ui = line.split("MLflow UI", 1)[1].split()
+    assert "--artifacts-destination" in ui
+    from pixellm.tracking import free_port
+
+    port = free_port()
+    ui[ui.index("--port") + 1] = str(port)
+    ui[0] = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen(
+        ui, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        listing = f"""
+import time, mlflow
+from mlflow.tracking import MlflowClient
+uri = "http://127.0.0.1:{port}"
+for _ in range(600):  # a loaded machine can take minutes to start the UI
+    try:
+        c = MlflowClient(uri); c.search_experiments(); break
+    except Exception:
+        time.sleep(1)
+mlflow.set_tracking_uri(uri)
+print("RUN_ARTIFACTS", sorted(a.path for a in c.list_artifacts({summary["Run"]["mlflow_run_id"]!r}, "report")))
+mv = c.search_model_versions("name = '{run_name}'")[0]
+found = mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{run_name}/{{mv.version}}")
+print("MODEL_ARTIFACTS", sorted(a.path for a in found))
+"""
+        got = subprocess.run(
+            [sys.executable, "-c", listing],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    runs = next(ln for ln in got.stdout.splitlines() if ln.startswith("RUN_ARTIFACTS"))
+    models = next(ln for ln in got.stdout.splitlines() if ln.startswith("MODEL_ARTIFACTS"))
+    assert runs != "RUN_ARTIFACTS []" and models != "MODEL_ARTIFACTS []", (
+        got.stdout + got.stderr[-2000:]
+    )
+
     # Nothing left running: no MLflow server or Ray started by the run survives it.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out / "mlflow") not in ps

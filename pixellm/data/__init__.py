@@ -31,12 +31,16 @@ _EXPORTS = {
     "read_manifest": "shards",
     "materialize": "writer",
     "write_shard": "writer",
-    "PlanChunkPreprocess": "stream",
+    "Plan": "stream",
     "PreprocessBatch": "stream",
-    "build_train_dataset": "stream",
+    "fetch_rows": "stream",
     "iter_local_batches": "stream",
     "make_plan": "stream",
     "mixture_counts": "stream",
+    "PlanBlockPreprocess": "train_stream",
+    "StreamLayout": "train_stream",
+    "build_train_dataset": "train_stream",
+    "train_plan": "train_stream",
 }
 
 __all__ = sorted(_EXPORTS)

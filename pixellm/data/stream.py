@@ -5,28 +5,23 @@ h x w = mask size after capping the longest side at ``data.mask_max_size``.
 
 Mixing (why not ``Dataset.mix``): with ``streaming_split`` the per-rank ratios of ``Dataset.mix``
 drift (platform facts: 0.67/0.33 for a 0.75/0.25 mix), and a global random shuffle leaves each rank
-a binomial draw (about ±1.6 points at 1,000 rows). Instead a small *plan* is made on the driver:
+a binomial draw (about ±1.6 points at 1,000 rows). Instead a small *plan* is made up front:
 
-1. each corpus gets exactly ``round(num_samples * ratio)`` rows (largest remainder), drawn by passes
-   over its row groups in random order, rows shuffled inside a row group, repeated when the corpus is
-   smaller than its share (sampling without replacement within a pass);
-2. the j-th of a corpus's n rows gets the key ``(j + u) / n`` with u ~ U(0, 1) (jittered
-   stratification), and the plan is sorted by key — every window of the plan holds each corpus in
-   its ratio up to one row, in a random order;
-3. the plan is cut into chunks of ``CHUNK_ROWS``; one chunk = one Ray Data block. Fetching a chunk
-   reads only the row groups it names (consecutive rows of a corpus share a row group, so reads are
-   not amplified), then ``PreprocessBatch`` runs in an actor pool.
+1. each rank's sequence gets exactly ``round(n * ratio)`` rows of each corpus (largest remainder),
+   drawn by passes over the corpus's row groups in random order, rows shuffled inside a row group,
+   repeated when the corpus is smaller than its share (no row twice within a pass, across ranks);
+2. inside a rank's sequence the j-th of a corpus's n rows gets the key ``(j + u) / n`` with
+   u ~ U(0, 1) (jittered stratification), sorted by key — every window holds each corpus in its
+   ratio up to a row, in a random order;
+3. the plan names shards by index into a small shard table (``Plan``: 3 integers per sample).
 
-Because every block is itself mixed in ratio, any way ``streaming_split(n, equal=True)`` hands out
-blocks keeps each rank's ratios within a row or two per block. Memory stays bounded: the plan holds
-four small values per sample, and blocks stream through the object store.
+The training stream built from the plan lives in ``pixellm.data.train_stream``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pixellm.config import DataConfig, ModelConfig, Recipe, TrainConfig
+from pixellm.config import DataConfig, ModelConfig, Recipe
 from pixellm.data.collate import collate_batch
 from pixellm.data.formats import DataError
 from pixellm.data.schema import rle_to_mask
@@ -49,17 +44,11 @@ from pixellm.model.codebook import PLACEHOLDER
 __all__ = [
     "CHUNK_ROWS",
     "Plan",
-    "PlanBlockPreprocess",
     "PreprocessBatch",
-    "StreamLayout",
-    "build_train_dataset",
-    "create_start_board",
     "fetch_rows",
     "iter_local_batches",
     "make_plan",
     "mixture_counts",
-    "set_stream_start",
-    "train_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -364,230 +353,6 @@ def rows_to_columns(rows: list[dict[str, Any]], image_size: int) -> dict[str, np
         "corpus": np.asarray([r["corpus"] for r in rows], dtype=object),
         "pad_id": np.asarray([r["pad_id"] for r in rows], dtype=np.int64),
     }
-
-
-# ---------------------------------------------------------------- the training stream
-@dataclass(frozen=True)
-class StreamLayout:
-    """How the run's plan maps onto Ray Data blocks, ranks and optimizer steps.
-
-    One block = ``steps_per_block`` steps of one rank (``rows_per_block`` rows). Global block ``g``
-    (over all epochs) belongs to rank ``g % world``; ``streaming_split(world, equal=True)`` deals
-    equal-sized blocks round-robin in order (it always serves the rank with the fewest rows, lowest
-    index first, and ``preserve_order`` keeps the block order), so rank r receives exactly blocks
-    r, r + world, … — and a run that has done ``s`` steps resumes at block ``start_block(s)``.
-
-    Attributes:
-        world: workers.
-        micro: ``train.micro_batch_size``.
-        grad_accum: ``train.grad_accum``.
-        steps_per_epoch: ``train.steps_per_epoch``.
-        epochs: ``train.epochs`` (passes over the same plan).
-        steps_per_block: a divisor of gcd(``checkpoint_every``, ``steps_per_epoch``) so that
-            checkpoints fall on block boundaries.
-    """
-
-    world: int
-    micro: int
-    grad_accum: int
-    steps_per_epoch: int
-    epochs: int
-    steps_per_block: int
-
-    @classmethod
-    def for_train(cls, train: TrainConfig, world: int) -> StreamLayout:
-        """The layout of a recipe's ``train`` section (``CHUNK_ROWS`` caps the block size)."""
-        step_rows = train.micro_batch_size * train.grad_accum
-        g = math.gcd(train.checkpoint_every, train.steps_per_epoch)
-        k = max([d for d in range(1, g + 1) if g % d == 0 and d * step_rows <= CHUNK_ROWS] or [1])
-        return cls(
-            world,
-            train.micro_batch_size,
-            train.grad_accum,
-            train.steps_per_epoch,
-            train.epochs,
-            k,
-        )
-
-    @property
-    def rows_per_step(self) -> int:
-        """Rows one rank consumes per optimizer step."""
-        return self.micro * self.grad_accum
-
-    @property
-    def rows_per_block(self) -> int:
-        return self.rows_per_step * self.steps_per_block
-
-    @property
-    def rank_rows_per_epoch(self) -> int:
-        """Plan rows per rank and epoch."""
-        return self.steps_per_epoch * self.rows_per_step
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks of the whole run (all epochs, all ranks)."""
-        return self.epochs * self.steps_per_epoch // self.steps_per_block * self.world
-
-    def start_block(self, steps_done: int) -> int:
-        """First block to produce when every rank has done ``steps_done`` optimizer steps."""
-        return steps_done // self.steps_per_block * self.world
-
-    def block(self, g: int) -> tuple[int, int, int]:
-        """Block ``g`` → ``(rank, first row in that rank's epoch plan, first global step, 1-based)``."""
-        rank, b = g % self.world, g // self.world  # b: the rank's b-th block of the run
-        blocks_per_epoch = self.steps_per_epoch // self.steps_per_block
-        epoch, in_epoch = divmod(b, blocks_per_epoch)
-        first_step = epoch * self.steps_per_epoch + in_epoch * self.steps_per_block + 1
-        return rank, in_epoch * self.rows_per_block, first_step
-
-
-def train_plan(recipe: Recipe, world: int) -> Plan:
-    """The run's epoch plan: ``world`` rank sequences of ``steps_per_epoch`` steps of rows each."""
-    t = recipe.train
-    rows = t.steps_per_epoch * t.micro_batch_size * t.grad_accum
-    return make_plan(recipe.data, recipe.data.train_split, rows, t.seed, ranks=world)
-
-
-class _StartBoard:
-    """Ray actor holding the block a new execution of the training stream starts at."""
-
-    def __init__(self) -> None:
-        self.block = 0
-
-    def set(self, block: int) -> None:
-        self.block = int(block)
-
-    def get(self) -> int:
-        return self.block
-
-
-def create_start_board(name: str) -> Any:
-    """Create (or find) the named start-position actor of a run (lives with the driver's job)."""
-    import ray
-
-    return (
-        ray.remote(_StartBoard)
-        .options(name=name, num_cpus=0, get_if_exists=True, max_restarts=-1)
-        .remote()
-    )
-
-
-def set_stream_start(name: str, block: int) -> None:
-    """Tell the next execution of the stream to start at ``block`` (call before iterating)."""
-    import ray
-
-    ray.get(ray.get_actor(name).set.remote(block))
-
-
-class PlanBlockPreprocess:
-    """``map_batches`` UDF over block ids: fetch a block's shard rows, then ``PreprocessBatch``.
-
-    Blocks before the start position (``start_board``, set by rank 0 after restoring a checkpoint)
-    produce nothing: they are neither read nor preprocessed. Every other block yields exactly
-    ``layout.rows_per_block`` rows; a row that preprocessing drops is replaced by repeating the
-    block's usable rows (logged), so the ranks' step counts stay equal.
-
-    Args:
-        model: the recipe's model section.
-        data: the recipe's data section.
-        plan: ``train_plan`` output.
-        layout: the run's ``StreamLayout``.
-        start_board: name of the ``create_start_board`` actor (None = start at block 0).
-    """
-
-    def __init__(
-        self,
-        model: ModelConfig,
-        data: DataConfig,
-        plan: Plan,
-        layout: StreamLayout,
-        start_board: str | None,
-    ):
-        import ray
-
-        self.preprocess = PreprocessBatch(model, data)
-        self.plan, self.layout = plan, layout
-        self.start = ray.get(ray.get_actor(start_board).get.remote()) if start_board else 0
-
-    def _block(self, g: int) -> dict[str, np.ndarray]:
-        lay = self.layout
-        rank, first, step = lay.block(g)
-        base = rank * lay.rank_rows_per_epoch + first
-        part = self.plan[base : base + lay.rows_per_block]
-        rows = self.preprocess.process_rows(fetch_rows(part).to_pylist())
-        if not rows:
-            raise DataError(
-                f"every sample of plan block {g} (rank {rank}, step {step}) was dropped by "
-                f"preprocessing: {dict(self.preprocess.dropped)}"
-            )
-        if len(rows) < lay.rows_per_block:
-            logger.warning(
-                "plan block %d: %d of %d rows dropped; repeating usable rows to keep steps equal",
-                g,
-                lay.rows_per_block - len(rows),
-                lay.rows_per_block,
-            )
-            rows = [rows[i % len(rows)] for i in range(lay.rows_per_block)]
-        cols = rows_to_columns(rows, self.preprocess.model.image_size)
-        cols["step"] = step + np.arange(lay.rows_per_block, dtype=np.int64) // lay.rows_per_step
-        return cols
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        blocks = [self._block(int(g)) for g in batch["id"] if int(g) >= self.start]
-        if not blocks:
-            empty = rows_to_columns([], self.preprocess.model.image_size)
-            return {**empty, "step": np.zeros(0, np.int64)}
-        return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
-
-
-def preprocess_pool_size(recipe: Recipe) -> int:
-    """Actors of the run's one preprocessing pool (``data.preprocess_actors`` or the free CPUs)."""
-    import ray
-
-    if recipe.data.preprocess_actors is not None:
-        return recipe.data.preprocess_actors
-    t = recipe.train
-    free = ray.cluster_resources().get("CPU", 1) - t.num_workers * t.cpus_per_worker
-    return max(1, int(free / recipe.data.preprocess_cpus))
-
-
-def build_train_dataset(recipe: Recipe, world: int, start_board: str | None = None) -> Any:
-    """The run's one training Dataset: every block of every epoch, split by Ray Train.
-
-    Args:
-        recipe: the recipe (``data``, ``model`` for preprocessing, ``train`` for the layout).
-        world: workers the stream is split across (``streaming_split(world, equal=True)``).
-        start_board: ``create_start_board`` actor name (resume offset), None = from block 0.
-
-    Returns:
-        ``ray.data.Dataset`` of ``PreprocessBatch`` columns plus ``step`` (the global optimizer
-        step a row belongs to), ``StreamLayout.num_blocks`` blocks of ``rows_per_block`` rows,
-        in plan order when executed with ``preserve_order`` (``pixellm.train.driver`` sets it
-        through ``DataConfig(execution_options=…)``, where Ray Train applies it).
-
-    Raises:
-        DataError: a corpus with ratio > 0 has no shards for the train split.
-    """
-    import ray
-
-    layout = StreamLayout.for_train(recipe.train, world)
-    plan = train_plan(recipe, world)
-    ds = ray.data.range(layout.num_blocks, override_num_blocks=layout.num_blocks)
-    # One block id per call: fetch + preprocess in the same actor, one output block per call.
-    return ds.map_batches(
-        PlanBlockPreprocess,
-        fn_constructor_kwargs={
-            "model": recipe.model,
-            "data": recipe.data,
-            "plan": plan,
-            "layout": layout,
-            "start_board": start_board,
-        },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=preprocess_pool_size(recipe)),
-        num_cpus=recipe.data.preprocess_cpus,
-    )
 
 
 def _plan_length(num_samples: int) -> int:

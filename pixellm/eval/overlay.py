@@ -1,8 +1,10 @@
 """Overlay pictures of one scored question: prediction | ground truth, with the coloured answer.
 
-The left panel shows the predicted masks, the right panel the ground-truth masks, semi-transparent
-over the image. A matched target takes its prediction's colour. Below, the question and the
-answer are printed with each ``[SEG]`` drawn as a chip in its mask's colour, then the targets.
+The left panel shows the predicted masks, the right panel the ground-truth masks, over a greyed,
+lightened copy of the image (so a mask is never confused with a coloured shape): each mask is a
+translucent fill plus a solid contour in its colour. A matched target takes its prediction's colour.
+Below, the question and the answer are printed with each ``[SEG]`` drawn as a chip in its mask's
+colour (with the mask's score when the prediction has scores), then the targets.
 """
 
 from __future__ import annotations
@@ -43,16 +45,32 @@ def _font(size: int = 14) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def _contour(m: np.ndarray, width: int = 2) -> np.ndarray:
+    """Pixels of ``m`` (``(h, w)`` bool) within ``width`` pixels of its boundary."""
+    inner = m.copy()
+    for _ in range(width):  # erosion by a 3x3 cross, ``width`` times
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return m & ~inner
+
+
 def _panel(
     image: Image.Image, masks: np.ndarray, colours: list[tuple[int, int, int]]
 ) -> Image.Image:
-    """Blend ``(K, H, W)`` masks onto the display-sized image."""
+    """Draw ``(K, H, W)`` masks (fill + contour) onto a greyed copy of the display-sized image."""
     size = image.size
-    out = np.asarray(image, dtype=np.float32).copy()  # (h, w, 3)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None].repeat(3, 2)  # (h, w, 3)
+    out = 90 + grey * 0.55  # light grey: shapes stay visible, never compete with mask colours
     for mask, colour in zip(masks, colours, strict=True):
         m = np.asarray(Image.fromarray(mask * 255).resize(size, Image.NEAREST)) > 0  # (h, w)
-        out[m] = out[m] * (1 - _ALPHA) + np.asarray(colour, dtype=np.float32) * _ALPHA
-    return Image.fromarray(out.astype(np.uint8))
+        c = np.asarray(colour, dtype=np.float32)
+        out[m] = out[m] * (1 - _ALPHA) + c * _ALPHA
+        out[_contour(m)] = c
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def _base_image(sample: BenchmarkSample) -> Image.Image:
@@ -65,12 +83,15 @@ def _base_image(sample: BenchmarkSample) -> Image.Image:
     return image.resize(size, Image.BILINEAR)
 
 
-def _answer_tokens(text: str, n_masks: int, colours: list[tuple[int, int, int]]) -> list[Token]:
+def _answer_tokens(
+    text: str, n_masks: int, colours: list[tuple[int, int, int]], scores: list[float] | None
+) -> list[Token]:
     tokens: list[Token] = [("A:", None)]
     for i, piece in enumerate(text.split(PLACEHOLDER)):
         if i:
             colour = colours[i - 1] if i - 1 < n_masks else (90, 90, 90)
-            tokens.append((f"[SEG {i}]", colour))
+            score = f" score {scores[i - 1]:.2f}" if scores and i - 1 < len(scores) else ""
+            tokens.append((f"[SEG {i}{score}]", colour))
         tokens.extend((word, None) for word in piece.split())
     return tokens
 
@@ -95,7 +116,11 @@ def _layout(
 
 
 def render_overlay(
-    sample: BenchmarkSample, text: str, pred_masks: np.ndarray, question: QuestionResult | None
+    sample: BenchmarkSample,
+    text: str,
+    pred_masks: np.ndarray,
+    question: QuestionResult | None,
+    scores: list[float] | None = None,
 ) -> Image.Image:
     """Picture of one question: prediction and ground-truth panels, question, coloured answer.
 
@@ -104,6 +129,7 @@ def render_overlay(
         text: generated answer (one ``[SEG]`` per predicted mask).
         pred_masks: ``(P, H, W)`` predicted masks.
         question: the harness's result for this sample (colours matched targets), or None.
+        scores: the prediction's score per mask, shown in its chip; None = not shown.
 
     Returns:
         An RGB image.
@@ -124,9 +150,11 @@ def render_overlay(
     font = _font()
     width = 2 * base.width + 3 * _PAD
     lines = [[("Q:", None)] + [(w, None) for w in sample.question.split()]]
-    lines.append(_answer_tokens(text, n_pred, pred_colours))
+    lines.append(_answer_tokens(text, n_pred, pred_colours, scores))
     for g, (desc, colour) in enumerate(zip(sample.descriptions, gt_colours, strict=True)):
         lines.append([(f"target {g + 1}", colour)] + [(w, None) for w in desc.split()])
+    if not sample.masks.shape[0]:
+        lines.append([("no target in this image", None)])
     if question is not None and question.denom:
         lines.append([(f"question gIoU {question.score / question.denom:.3f}", None)])
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -102,6 +102,27 @@ def _extra_html(extra: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _choose_overlays(scored: list[BenchmarkSample], n_overlays: int) -> list[BenchmarkSample]:
+    """``n_overlays`` samples shared out over the splits; in each split first a no-target
+    question and the question with the most targets (when the split has them), then evenly spaced
+    ones, so every split and difficulty shows up."""
+    if n_overlays <= 0 or not scored:
+        return []
+    splits = list(dict.fromkeys(s.split for s in scored))
+    chosen: list[BenchmarkSample] = []
+    for i, split in enumerate(splits):
+        quota = n_overlays // len(splits) + (i < n_overlays % len(splits))
+        pool = [s for s in scored if s.split == split]
+        picks = [s for s in pool if s.masks.shape[0] == 0][:1]
+        most = max(pool, key=lambda s: s.masks.shape[0])
+        if most.masks.shape[0] and most not in picks:
+            picks.append(most)
+        rest = [s for s in pool if s not in picks]
+        step = max(1, len(rest) // max(1, quota - len(picks)))
+        chosen += (picks + rest[::step])[:quota]
+    return chosen
+
+
 def _write_overlays(
     out: Path,
     report: EvalReport,
@@ -109,17 +130,14 @@ def _write_overlays(
     preds: dict[str, Prediction],
     n_overlays: int,
 ) -> list[dict[str, Any]]:
-    scored = [s for s in samples if s.sample_id in report.questions]
-    # Evenly spaced over the scored samples, so every split and difficulty shows up.
-    step = max(1, len(scored) // max(1, n_overlays))
-    chosen = scored[::step][:n_overlays] if n_overlays > 0 else []
+    chosen = _choose_overlays([s for s in samples if s.sample_id in report.questions], n_overlays)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     entries = []
     for sample in chosen:
         pred = preds.get(sample.sample_id) or Prediction(sample_id=sample.sample_id)
         q = report.questions[sample.sample_id]
         name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{sample.split}_{sample.sample_id}") + ".png"
-        render_overlay(sample, pred.text, prediction_masks(pred, sample), q).save(
+        render_overlay(sample, pred.text, prediction_masks(pred, sample), q, pred.scores).save(
             out / "overlays" / name
         )
         entries.append(
@@ -130,6 +148,7 @@ def _write_overlays(
                 "question": sample.question,
                 "text": pred.text,
                 "giou": q.score / q.denom if q.denom else None,
+                "scores": pred.scores,
             }
         )
     return entries

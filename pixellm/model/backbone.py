@@ -72,12 +72,29 @@ def tiny_llava_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
 
 
 def build_llava(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int] | None = None
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    new_token_ids: list[int] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> LlavaForConditionalGeneration:
     """Build (tiny) or load (local directory) the LLaVA and size its vocabulary to ``tokenizer``.
 
     ``new_token_ids`` (the codebook ids) get the mean-embedding initialisation of
     ``fit_embeddings`` on a loaded checkpoint (the tiny model is random anyway).
+
+    A local llava is loaded straight in ``dtype`` onto ``device`` (safetensors are read tensor by
+    tensor, so host memory holds about one ``dtype`` copy, never an fp32 one). Under ZeRO-3 pass
+    ``device=None`` with a live ``transformers.integrations.HfDeepSpeedConfig``: ``from_pretrained``
+    then partitions every parameter across ranks as it is created (``deepspeed.zero.Init``).
+
+    Args:
+        cfg: the model section of the recipe.
+        tokenizer: the model's tokenizer (codebook tokens included).
+        new_token_ids: the codebook token ids (mean-initialised rows).
+        dtype: parameter dtype (the run's compute dtype: bf16 on GPU, fp32 on CPU).
+        device: where the weights are loaded (None: CPU, or partitioned under ZeRO-3).
 
     Raises:
         FileNotFoundError: ``cfg.weights_path`` is not a local HF llava directory.
@@ -85,7 +102,8 @@ def build_llava(
     if cfg.base == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.tiny.seed)
-            return LlavaForConditionalGeneration(tiny_llava_config(cfg, tokenizer)).float()
+            tiny = LlavaForConditionalGeneration(tiny_llava_config(cfg, tokenizer)).float()
+        return tiny.to(device=device, dtype=dtype)
     path = Path(cfg.weights_path or "")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -93,7 +111,10 @@ def build_llava(
             "(config.json missing); download e.g. llava-hf/llava-1.5-7b-hf there first"
         )
     llava = LlavaForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, torch_dtype=torch.float32
+        path,
+        local_files_only=True,
+        dtype=dtype,
+        device_map=None if device is None else {"": str(device)},
     )
     fit_embeddings(llava, len(tokenizer), new_token_ids or [])
     llava.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -673,11 +673,15 @@ def build_pixellm(
     *,
     processor: PixelLMProcessor | None = None,
     llava: nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> PixelLM:
     """Assemble PixelLM from its config: tokenizer + codebook, LLaVA (+LoRA), pixel decoder.
 
     ``processor`` and ``llava`` replace the ones the config would build (``from_pretrained``
     passes the stored tokenizer and an empty LLaVA of the stored architecture).
+    ``dtype`` / ``device``: how the LLaVA is loaded (see ``build_llava``); the pixel decoder is
+    built in fp32 on ``device`` (DeepSpeed casts the trainable parts and keeps fp32 masters).
     ``cfg.base == "imported"`` builds from a ``pixellm import-authors`` directory instead (see
     ``pixellm.model.import_authors.build_from_import``).
     """
@@ -690,7 +694,7 @@ def build_pixellm(
         # the release's codebook rows are trained weights of its checkpoint: never re-initialised
         trained_rows = cfg.compat.codebook_tokens == "authors"
         new_ids = [] if trained_rows else processor.codebook.ids
-        llava = build_llava(cfg, processor.tokenizer, new_ids)
+        llava = build_llava(cfg, processor.tokenizer, new_ids, dtype=dtype, device=device)
     factor = cfg.compat.projector_hidden_factor
     if factor != 1:  # the release's p_V→T is Cv -> 2H -> H; its weights come with the model
         llava.model.multi_modal_projector = compat.WideProjector(
@@ -716,6 +720,8 @@ def build_pixellm(
             decoder = build_authors_decoder(cfg.decoder, projector_hidden_factor=factor, **sizes)
         else:
             decoder = build_pixel_decoder(cfg.decoder, **sizes)
+    if device is not None:
+        decoder = decoder.to(device)
     if cfg.gradient_checkpointing:
         base.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

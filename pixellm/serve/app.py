@@ -30,7 +30,6 @@ Nothing runs at import.
 import asyncio
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pixellm.config import ConfigError, ServeConfig, load_recipe
 from pixellm.model import PixelLM, Prediction
+from pixellm.serve import guard
 from pixellm.serve.api import (
     DEPLOYMENT_NAME,
     ROLE_MARKERS,
@@ -52,14 +52,13 @@ from pixellm.serve.api import (
     RequestError,
     SegmentJob,
     SegmentResponse,
-    check_bearer,
     check_question,
-    clean_message,
     decode_image,
     parse_segment_request,
     prediction_to_response,
     resolve_bearer_token,
 )
+from pixellm.serve.guard import RequestGuard, json_error
 from pixellm.serve.loading import is_models_uri, resolve_model_dir
 from pixellm.serve.runner import JobFailure, prompt_tokens, run_jobs_isolated
 
@@ -90,101 +89,6 @@ USER_CONFIG_KEYS = (
 # Serve lets this many requests beyond the replica's own admission limit through, so that probes
 # (/healthz) are answered while the replica is full and the 503 is ours (JSON), not the proxy's.
 PROBE_HEADROOM = 8
-OPEN_PATHS = ("/healthz",)  # answered without a token (liveness probes)
-
-
-class _ReplicaState:
-    """What the guard needs from this process's replica (one deployment replica per process)."""
-
-    limits: Limits = Limits.from_config(ServeConfig())
-
-
-_STATE = _ReplicaState()
-
-
-def _json_error(
-    status: int, message: str, request_id: str | None, headers: dict | None = None
-) -> JSONResponse:
-    body = ErrorResponse(error=clean_message(message), request_id=request_id).model_dump()
-    hdrs = {"X-Request-ID": request_id or ""}
-    if status == 401:
-        hdrs["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=status, headers={**hdrs, **(headers or {})})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class RequestGuard:
-    """ASGI middleware: request id, auth, body size cap, catch-all JSON 500 (see module doc)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = request_id
-        limits = _STATE.limits
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path = scope["path"][len(scope.get("root_path", "")) :] or "/"
-        started = False
-
-        async def send_with_id(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        async def reply(response: JSONResponse) -> None:
-            await response(scope, receive, send)
-
-        if path not in OPEN_PATHS and limits.bearer_token is not None:
-            try:
-                check_bearer(headers.get("authorization"), limits.bearer_token)
-            except RequestError as err:
-                await reply(_json_error(err.status, err.message, request_id))
-                return
-        cap = limits.max_body_bytes
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > cap):
-            await reply(
-                _json_error(
-                    413, f"body of {declared} bytes is over the limit of {cap} bytes", request_id
-                )
-            )
-            return
-        seen = 0
-
-        async def capped_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > cap:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, capped_receive, send_with_id)
-        except _BodyTooLarge:
-            if not started:
-                await reply(_json_error(413, f"body is over the limit of {cap} bytes", request_id))
-        except Exception as err:  # noqa: BLE001 - the catch-all: log it, answer JSON
-            logger.exception("request %s failed: %s", request_id, type(err).__name__)
-            if not started:
-                await reply(
-                    _json_error(
-                        500,
-                        f"internal error ({type(err).__name__}); quote request id {request_id}",
-                        request_id,
-                    )
-                )
 
 
 fastapi_app = FastAPI(
@@ -200,7 +104,7 @@ def _request_id(request: Request) -> str | None:
 
 @fastapi_app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _json_error(exc.status_code, f"{request.url.path}: {exc.detail}", _request_id(request))
+    return json_error(exc.status_code, f"{request.url.path}: {exc.detail}", _request_id(request))
 
 
 class AppArgs(BaseModel):
@@ -280,7 +184,7 @@ class PixelLMDeployment:
         self.model = PixelLM.from_pretrained(self.model_dir, device=device, dtype=dtype)
         self.control = control_strings(self.model)
         self.limits = Limits.from_config(ServeConfig(), resolve_bearer_token(ServeConfig()))
-        _STATE.limits = self.limits
+        guard.set_limits(self.limits)
         self.capacity: int | None = _capacity(ServeConfig())
         self.retry_after_s = ServeConfig().retry_after_s
         self.inflight = 0
@@ -307,7 +211,7 @@ class PixelLMDeployment:
             "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
         }
         self.limits = Limits.from_config(cfg, resolve_bearer_token(cfg))
-        _STATE.limits = self.limits
+        guard.set_limits(self.limits)
         self.capacity = _capacity(cfg)
         self.retry_after_s = cfg.retry_after_s
 
@@ -356,7 +260,7 @@ class PixelLMDeployment:
         """Answer one question about one image (JSON body, see ``pixellm.serve.api``)."""
         rid = _request_id(request)
         if self.capacity is not None and self.inflight >= self.capacity:
-            return _json_error(
+            return json_error(
                 503,
                 f"replica is full ({self.capacity} requests in progress or queued); retry later",
                 rid,
@@ -368,11 +272,11 @@ class PixelLMDeployment:
             job = await asyncio.to_thread(parse_segment_request, body, self.limits, self.control)
             pred = await self._answer(job, "request")
         except RequestError as err:
-            return _json_error(err.status, err.message, rid)
+            return json_error(err.status, err.message, rid)
         finally:
             self.inflight -= 1
         out = prediction_to_response(pred.text, pred.masks, pred.scores)
-        return JSONResponse(out.model_dump(), headers={"X-Request-ID": rid or ""})
+        return JSONResponse(out.model_dump())
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -2,15 +2,18 @@
 
 A checkpoint directory (one per report, merged by Ray Train from every worker's files) holds::
 
-    ds/<tag>/...            DeepSpeed shards: module (rank 0), optimizer partitions (every rank),
-                            LR scheduler, engine counters
+    ds/<tag>/...            DeepSpeed shards of what is trained: the trainable module tensors
+                            (LoRA, codebook rows, projections, decoder, γ, φ), optimizer partitions
+                            (every rank), LR scheduler, engine counters — never the frozen base
+                            (``exclude_frozen_parameters``: it is rebuilt from the recipe on resume)
     ds/latest               the tag (written by rank 0)
     rng/rank-<r>.pt         python, numpy and torch RNG states of rank r (``save_rng_state``)
     recipe_state.json       RecipeState: step, epoch, seed, config hash, data position, run id,
                             and the flattened recipe it was trained with
 
-Resuming (``load_checkpoint``) restores the engine (weights, optimizer moments, LR schedule) and
-returns the RecipeState; when the saved recipe differs from the current one, a warning names every
+Resuming (``load_checkpoint``) restores the engine (trained weights, optimizer moments, LR schedule)
+and returns the RecipeState. The module load is non-strict only for the frozen base: a saved
+checkpoint lacking a trainable tensor, or holding an unknown one, is an error; when the saved recipe differs from the current one, a warning names every
 differing key and says that the current value wins.
 """
 
@@ -31,6 +34,7 @@ import torch
 __all__ = [
     "STATE_FILE",
     "RecipeState",
+    "check_module_keys",
     "checkpoint_dir_name",
     "diff_recipes",
     "load_checkpoint",
@@ -97,7 +101,9 @@ def save_checkpoint(engine: Any, state: RecipeState, rank: int) -> Path:
         The local directory holding this rank's files.
     """
     local = Path(tempfile.mkdtemp(prefix=f"pixellm-ckpt-r{rank}-"))
-    engine.save_checkpoint(str(local / DS_SUBDIR), tag=f"step{state.step}")
+    engine.save_checkpoint(
+        str(local / DS_SUBDIR), tag=f"step{state.step}", exclude_frozen_parameters=True
+    )
     save_rng_state(local, rank)
     if rank == 0:
         (local / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
@@ -145,11 +151,14 @@ def load_checkpoint(
             "the current recipe's value wins",
             stacklevel=2,
         )
+    tag_dir = Path(directory) / DS_SUBDIR / f"step{state.step}"
+    check_module_keys(tag_dir, engine.module)
     load_path, _ = engine.load_checkpoint(
         str(Path(directory) / DS_SUBDIR),
         tag=f"step{state.step}",
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
+        load_module_strict=False,  # the frozen base is not in the checkpoint (checked above)
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint for step {state.step} in {directory}")
@@ -168,23 +177,50 @@ def save_rng_state(directory: Path, rank: int) -> None:
     torch.save(state, directory / RNG_SUBDIR / f"rank-{rank}.pt")
 
 
-def load_rng_state(directory: str | Path, rank: int) -> None:
+def load_rng_state(directory: str | Path, rank: int) -> bool:
     """Restore the RNG states ``save_rng_state`` wrote for ``rank``.
 
-    Raises:
-        FileNotFoundError: the checkpoint holds no RNG state for this rank.
+    Returns:
+        False (with a warning: the resumed run will not repeat the uninterrupted one exactly) when
+        the checkpoint holds no RNG state for this rank, e.g. one written before it was saved.
     """
     path = Path(directory) / RNG_SUBDIR / f"rank-{rank}.pt"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} missing: checkpoint {directory} has no RNG state of rank {rank}"
+        warnings.warn(
+            f"{path} missing: checkpoint {directory} has no RNG state of rank {rank}; resuming "
+            "with fresh RNG states (dropout draws will differ from an uninterrupted run)",
+            stacklevel=2,
         )
+        return False
     state = torch.load(path, weights_only=False)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def check_module_keys(tag_dir: Path, module: Any) -> None:
+    """Check that a saved DeepSpeed module state holds exactly the trainable tensors of ``module``.
+
+    Raises:
+        RuntimeError: no module state file, or trainable tensors missing / unknown tensors present.
+    """
+    import torch
+
+    files = sorted(tag_dir.glob("*model_states.pt"))  # mp_rank_00_… (ZeRO-0/1/2), zero_pp_rank_…
+    if not files:
+        raise RuntimeError(f"{tag_dir}: no DeepSpeed *model_states.pt file in the checkpoint")
+    saved = set(torch.load(files[0], map_location="cpu", weights_only=False)["module"])
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    missing, unknown = sorted(trainable - saved), sorted(saved - set(module.state_dict()))
+    if missing or unknown:
+        raise RuntimeError(
+            f"{files[0]}: checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[:3]}) "
+            f"and has {len(unknown)} unknown ones (e.g. {unknown[:3]}); it was written by another "
+            "model config: resume with the recipe that wrote it or start a new train.run_name"
+        )
 
 
 def remove_local(directory: Path) -> None:

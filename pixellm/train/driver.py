@@ -5,7 +5,7 @@ Validates the recipe (before Ray starts), finds or creates the MLflow run, conne
 a ``TorchTrainer``. Same storage path + run name = Ray Train V2 restores the run and the workers
 resume from ``ray.train.get_checkpoint()``.
 
-Data: one dataset ``train`` for the run (``pixellm.data.stream.build_train_dataset``: every epoch's
+Data: one dataset ``train`` for the run (``pixellm.data.train_stream.build_train_dataset``: every epoch's
 plan, one preprocessing actor pool), split across the workers by Ray Train
 (``DataConfig(datasets_to_split=["train"])`` → ``streaming_split(equal=True)``) with
 ``preserve_order`` set in ``DataConfig(execution_options=…)`` — Ray Train replaces the dataset's own
@@ -26,6 +26,7 @@ from typing import Any
 from pixellm.config import ConfigError, Recipe, recipe_hash
 from pixellm.train.ds_config import derive_deepspeed_config, zero_stage
 from pixellm.train.run_tracking import ensure_run, flatten_recipe, resolve_tracking_uri
+from pixellm.train.storage import is_uri, join, resolve, storage_env
 
 __all__ = [
     "FAULT_ENV",
@@ -48,16 +49,16 @@ class TrainResult:
 
     Attributes:
         run_name: ``train.run_name``.
-        run_dir: ``<storage_path>/<run_name>`` (absolute).
-        export_dir: the consolidated ``from_pretrained`` directory.
+        run_dir: ``<storage_path>/<run_name>`` (an absolute Path, or the URI for remote storage).
+        export_dir: the consolidated ``from_pretrained`` directory (Path, or URI when remote).
         checkpoint_path: the last reported checkpoint (None if none was reported this submission).
         mlflow_run_id: the MLflow run (None when tracking is off).
         metrics: the last metrics reported to Ray Train.
     """
 
     run_name: str
-    run_dir: Path
-    export_dir: Path
+    run_dir: Path | str
+    export_dir: Path | str
     checkpoint_path: str | None
     mlflow_run_id: str | None
     metrics: dict[str, Any]
@@ -95,8 +96,11 @@ def validate_for_training(recipe: Recipe) -> dict[str, Any]:
 
 
 def _storage(recipe: Recipe) -> str:
-    path = recipe.train.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+    return resolve(recipe.train.storage_path)  # a URI stays a URI (s3://…), never Path.resolve()
+
+
+def _local_or_uri(path: str) -> Path | str:
+    return path if is_uri(path) else Path(path)
 
 
 def check_resume_world_size(recipe: Recipe) -> None:
@@ -146,7 +150,7 @@ def build_loop_config(
 ) -> dict[str, Any]:
     """The ``train_loop_config`` every worker receives (JSON-serialisable, nothing else shared)."""
     storage = _storage(recipe)
-    run_dir = f"{storage}/{recipe.train.run_name}"
+    run_dir = join(storage, recipe.train.run_name)
     return {
         "recipe": recipe.model_dump(mode="json"),
         "flat_recipe": flatten_recipe(recipe),
@@ -159,7 +163,7 @@ def build_loop_config(
         "tracking_uri": resolve_tracking_uri(recipe) if recipe.mlflow.enabled else None,
         "mlflow_run_id": run_id,
         "storage": run_dir,
-        "export_dir": str(Path(recipe.train.export_dir or f"{run_dir}/model").resolve()),
+        "export_dir": resolve(recipe.train.export_dir or join(run_dir, "model")),
         "registered_model_name": recipe.mlflow.registered_model_name,
         "fault": _parse_fault(os.environ.get(FAULT_ENV)),
     }
@@ -186,7 +190,7 @@ def init_ray(recipe: Recipe) -> None:
 
 
 def _datasets(recipe: Recipe, start_board: str | None) -> dict[str, Any]:
-    from pixellm.data.stream import build_train_dataset
+    from pixellm.data.train_stream import build_train_dataset
 
     return {DATASET_NAME: build_train_dataset(recipe, recipe.train.num_workers, start_board)}
 
@@ -221,7 +225,12 @@ def make_trainer(recipe: Recipe, loop_config: dict[str, Any], datasets: dict[str
             storage_path=_storage(recipe),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu"}},
+            worker_runtime_env={
+                "env_vars": {
+                    **storage_env(),  # remote storage endpoint / region (s3://… storage_path)
+                    "DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu",
+                }
+            },
         ),
         datasets=datasets,
         dataset_config=_data_config(),
@@ -247,7 +256,7 @@ def train(recipe: Recipe) -> TrainResult:
     run_id = ensure_run(recipe, tracking_uri) if tracking_uri else None
     loop_config = build_loop_config(recipe, ds_config, run_id)
     init_ray(recipe)
-    from pixellm.data.stream import create_start_board
+    from pixellm.data.train_stream import create_start_board
 
     board = create_start_board(loop_config["start_board"])  # held until fit() returns
     result = make_trainer(recipe, loop_config, _datasets(recipe, loop_config["start_board"])).fit()
@@ -256,8 +265,8 @@ def train(recipe: Recipe) -> TrainResult:
         raise result.error
     return TrainResult(
         run_name=recipe.train.run_name,
-        run_dir=Path(loop_config["storage"]),
-        export_dir=Path(loop_config["export_dir"]),
+        run_dir=_local_or_uri(loop_config["storage"]),
+        export_dir=_local_or_uri(loop_config["export_dir"]),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         mlflow_run_id=run_id,
         metrics=dict(result.metrics or {}),

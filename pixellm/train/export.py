@@ -9,10 +9,13 @@ parameters are partitioned: every rank must take part in DeepSpeed's consolidati
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pixellm.train.storage import is_uri, upload_dir
 
 __all__ = ["export_model", "gather_full_state_dict"]
 
@@ -49,10 +52,12 @@ def export_model(engine: Any, stage: int, out_dir: str | Path) -> Path | None:
     Args:
         engine: the DeepSpeed engine (``engine.module`` is the PixelLM).
         stage: the ZeRO stage.
-        out_dir: destination directory (created, overwritten).
+        out_dir: destination directory (created, overwritten), or a remote URI (``s3://…``):
+            then the model is written to a local staging directory and uploaded there.
 
     Returns:
-        The directory on rank 0, None on other ranks.
+        On rank 0 the local directory holding the export (``out_dir`` itself, or the staging
+        directory for a URI, which the caller deletes when done); None on other ranks.
     """
     state = gather_full_state_dict(engine, stage)
     if state is None:
@@ -64,4 +69,9 @@ def export_model(engine: Any, stage: int, out_dir: str | Path) -> Path | None:
         raise RuntimeError(
             f"consolidated state dict lacks {len(missing)} tensors, e.g. {missing[:3]}"
         )
-    return model.save_pretrained(out_dir, state_dict=state)
+    remote = is_uri(str(out_dir))
+    local = Path(tempfile.mkdtemp(prefix="pixellm-export-")) if remote else Path(out_dir)
+    out = model.save_pretrained(local, state_dict=state)
+    if remote:
+        upload_dir(out, str(out_dir))
+    return out

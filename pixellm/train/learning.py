@@ -46,8 +46,13 @@ def question_giou(pred: list[np.ndarray], gt: list[np.ndarray]) -> float:
     return float(total / n)
 
 
-def val_giou(model: Any, recipe: Recipe, num_questions: int, max_new_tokens: int = 48) -> float:
-    """Mean per-question gIoU of ``model.predict`` on the val splits (see the module docstring)."""
+def val_giou(
+    model: Any, recipe: Recipe, num_questions: int, max_new_tokens: int | None = None
+) -> float:
+    """Mean per-question gIoU of ``model.predict`` on the val splits (see the module docstring).
+
+    ``max_new_tokens`` None = the recipe's ``serve.max_new_tokens`` (derived: no answer is cut)."""
+    max_new_tokens = max_new_tokens or recipe.serve.max_new_tokens
     from PIL import Image
 
     from pixellm.data.schema import rle_to_mask

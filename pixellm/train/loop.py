@@ -14,9 +14,12 @@ size (ranks run in lock-step, so this is the global rate without an extra collec
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +33,19 @@ from pixellm.train.checkpoint import (
     checkpoint_dir_name,
     load_checkpoint,
     load_rng_state,
-    remove_local,
     save_checkpoint,
 )
 from pixellm.train.optim import param_groups
 from pixellm.train.run_tracking import RunLogger
 from pixellm.train.sample_log import SampleLog
+from pixellm.train.storage import is_uri
 from pixellm.train.validation import load_val_subset
 
-__all__ = ["LOSS_KEYS", "StepStats", "train_loop_per_worker"]
+__all__ = ["LOSS_KEYS", "StepStats", "build_training_model", "train_loop_per_worker"]
 
 LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score")
+PENDING_METRICS = "mlflow_pending.json"  # rank 0's metrics not yet in MLflow, per checkpoint
+_FINAL_FLUSH_WAIT_S = 120.0  # at the end, keep retrying MLflow this long before giving up
 _MODEL_KEYS = ("pixel_values", "valid_hw", "input_ids", "attention_mask", "labels", "gt_masks")
 
 
@@ -60,23 +65,49 @@ def log_rank0(rank: int, message: str) -> None:
         print(f"[pixellm.train] {message}", flush=True)
 
 
-def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """Build PixelLM and wrap it in a DeepSpeed engine (AdamW + WarmupDecayLR from ``ds_config``).
+_HF_DS_CONFIG: Any = None  # transformers reads the ZeRO-3 config through a weak reference
 
-    Only parameters with ``requires_grad`` reach the optimizer. The seed is the same on every rank
-    so LoRA initialisation agrees before DeepSpeed broadcasts.
+
+def build_training_model(recipe: Recipe, ds_config: dict[str, Any]) -> Any:
+    """Build PixelLM the way a training worker does, before DeepSpeed wraps it.
+
+    The base LLaVA is loaded directly in the run's compute dtype (bf16 when ``ds_config`` enables
+    it) onto this worker's device, never as an fp32 copy; DeepSpeed later keeps fp32 master
+    weights of the trainable parts in its optimizer. Under ZeRO-3 an ``HfDeepSpeedConfig`` is
+    alive while the model is built, so ``from_pretrained`` partitions the parameters as it creates
+    them (``deepspeed.zero.Init``) instead of materialising the full model on every rank.
+    The seed is the same on every rank so LoRA initialisation agrees.
+    """
+    global _HF_DS_CONFIG
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from pixellm.model import build_pixellm
+    from pixellm.train.ds_config import zero_stage
+
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    use_gpu = recipe.train.use_gpu
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    # zero.Init only where weights are loaded (``from_pretrained``); the tiny model is built from
+    # config and small, and DeepSpeed partitions it at ``initialize``.
+    zero_init = zero_stage(ds_config) == 3 and recipe.model.base == "llava"
+    # Without train_batch_size: DeepSpeed derives it; checked against a world size of 1 here
+    # (deepspeed.comm is not set up yet), the recipe's global batch would be rejected.
+    init_cfg = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+    _HF_DS_CONFIG = HfDeepSpeedConfig(init_cfg) if zero_init else None
+    torch.manual_seed(recipe.train.seed)
+    return build_pixellm(recipe.model, dtype=dtype, device=None if zero_init else device)
+
+
+def setup_model_and_optimizer(recipe: Recipe, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """Build PixelLM (``build_training_model``) and wrap it in a DeepSpeed engine (AdamW +
+    WarmupDecayLR from ``ds_config``). Only parameters with ``requires_grad`` reach the optimizer.
 
     Returns:
         ``(engine, model)``.
     """
     import deepspeed  # imported here: import-time problems on CPU nodes (platform facts)
 
-    from pixellm.model import build_pixellm
-
-    torch.manual_seed(recipe.train.seed)
-    model = build_pixellm(recipe.model)
-    if recipe.train.use_gpu:
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    model = build_training_model(recipe, ds_config)
     groups = param_groups(model, recipe.train)  # per-group lr (pixellm.train.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_config, dist_init_required=False
@@ -126,7 +157,7 @@ def data_stream(
     import torch.distributed as dist
 
     from pixellm.data.collate import collate_batch
-    from pixellm.data.stream import StreamLayout, set_stream_start
+    from pixellm.data.train_stream import StreamLayout, set_stream_start
 
     world = ray.train.get_context().get_world_size()
     if rank == 0 and start_board is not None:
@@ -195,6 +226,21 @@ def _lr(engine: Any) -> float:
     return float(engine.get_lr()[0])
 
 
+def _committed_step() -> int:
+    """Step of the newest checkpoint Ray Train has committed to storage (0 if none).
+
+    Blocks until every in-flight ``ray.train.report`` has been processed; with asynchronous
+    uploads that is the previous checkpoint, usually long done.
+    """
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=CheckpointConsistencyMode.COMMITTED
+    )
+    return max((int(r.metrics.get("step", 0)) for r in reported), default=0)
+
+
 def _report_checkpoint(
     engine: Any,
     state: RecipeState,
@@ -203,20 +249,29 @@ def _report_checkpoint(
     storage: str,
     step_seconds: list[float],
 ) -> None:
-    """Save this rank's shards, report them to Ray Train (a barrier), then flush rank 0's metrics."""
+    """Save this rank's shards and report them to Ray Train (a barrier), uploaded asynchronously.
+
+    Ray Train uploads the merged checkpoint in a background thread and deletes the local files
+    afterwards, so training goes on while a large checkpoint travels to remote storage. Rank 0
+    sends MLflow only the metrics of steps a committed checkpoint covers: a step re-run after a
+    failure was never logged (``RunLogger.add_metrics`` replaces its buffered values).
+    """
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     local = save_checkpoint(engine, state, rank)
     name = checkpoint_dir_name(state.step)
+    if logger is not None:
+        logger.flush(up_to_step=_committed_step())
+        (local / PENDING_METRICS).write_text(json.dumps(logger.pending_records()))
     ray.train.report(
         {"step": state.step, "epoch": state.epoch, "step_seconds": list(step_seconds)},
         checkpoint=ray.train.Checkpoint.from_directory(str(local)),
         checkpoint_dir_name=name,
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
     )
-    remove_local(local)
     step_seconds.clear()
     if logger is not None:
-        logger.flush()
         logger.set_tags(
             {"checkpoint.latest": f"{storage}/{name}", "checkpoint.latest_step": state.step}
         )
@@ -234,16 +289,20 @@ def _maybe_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _restore(engine: Any, cfg: dict[str, Any], world: int) -> RecipeState | None:
+def _restore(
+    engine: Any, cfg: dict[str, Any], world: int
+) -> tuple[RecipeState | None, list[dict[str, Any]]]:
+    """The checkpoint's RecipeState (engine restored) and its not-yet-logged metrics."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, []
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(engine, directory, cfg["flat_recipe"], world)
         load_rng_state(directory, ray.train.get_context().get_world_rank())
-        return state
+        pending = Path(directory) / PENDING_METRICS
+        return state, json.loads(pending.read_text()) if pending.is_file() else []
 
 
 def _progress(
@@ -271,15 +330,36 @@ def _finish(
     out = export_model(engine, stage, cfg["export_dir"])
     if rank != 0 or out is None:
         return
-    log_rank0(rank, f"exported model to {out}")
+    log_rank0(rank, f"exported model to {cfg['export_dir']}")
+    try:
+        _log_export(cfg, out, logger)
+    finally:
+        if is_uri(cfg["export_dir"]):
+            shutil.rmtree(out, ignore_errors=True)  # the local staging copy of the upload
+
+
+def _log_export(cfg: dict[str, Any], out: Path, logger: RunLogger | None) -> None:
+    """Rank 0: flush the last metrics and log the export (from its local copy) as a pyfunc."""
     if logger is not None and logger.run_id:
         from pixellm.train.pyfunc import log_pyfunc_model
 
-        logger.set_tags({"export_dir": str(out)})
-        uri = log_pyfunc_model(
-            logger.tracking_uri, logger.run_id, out, cfg["registered_model_name"]
+        logger.flush(up_to_step=_committed_step(), wait_s=_FINAL_FLUSH_WAIT_S)
+        logger.set_tags(
+            {"export_dir": cfg["export_dir"], "tracking.failed_flushes": logger.failures}
         )
-        log_rank0(rank, f"logged pyfunc model {uri} as {cfg['registered_model_name']}")
+        try:
+            uri = log_pyfunc_model(
+                logger.tracking_uri, logger.run_id, out, cfg["registered_model_name"]
+            )
+        except Exception as err:  # noqa: BLE001 - an MLflow outage must not fail a finished run
+            warnings.warn(
+                f"could not log the pyfunc model of {cfg['export_dir']} to MLflow ({type(err).__name__}: "
+                f"{str(err)[:200]}); the export is complete, register it later with "
+                "pixellm.train.pyfunc.log_pyfunc_model",
+                stacklevel=2,
+            )
+            return
+        log_rank0(0, f"logged pyfunc model {uri} as {cfg['registered_model_name']}")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -299,7 +379,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     engine, _ = setup_model_and_optimizer(recipe, config["ds_config"])
-    state = _restore(engine, config, world) or RecipeState(
+    restored, pending = _restore(engine, config, world)
+    state = restored or RecipeState(
         0,
         0,
         t.seed,
@@ -318,6 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
     if logger is not None and state.step:
+        logger.restore_pending(pending)
         logger.set_tags({"resumed_from_step": state.step})
     batches = _Recorder(
         data_stream(recipe, config["dataset_name"], config["start_board"], state.step, rank)

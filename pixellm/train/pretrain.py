@@ -53,9 +53,13 @@ class PretrainOptions:
     log_every: int = 25
 
 
-def pretrain_key(model: ModelConfig, shards_root: str | Path, opts: PretrainOptions) -> str:
-    """Hash of everything the pretrained weights depend on (sizes, options, the shard manifests)."""
+def pretrain_key(
+    model: ModelConfig, shards_root: str | Path, opts: PretrainOptions, data_key: str | None = None
+) -> str:
+    """Hash of everything the pretrained weights depend on: sizes, options and the data
+    (``data_key``, e.g. a hash of the generated corpus; default: the shard manifests)."""
     manifests = sorted(Path(shards_root).glob("*/manifest.json"))
+    data = data_key or [hashlib.sha256(p.read_bytes()).hexdigest() for p in manifests]
     blob = json.dumps(
         {
             "tiny": model.tiny.model_dump(mode="json"),
@@ -64,7 +68,7 @@ def pretrain_key(model: ModelConfig, shards_root: str | Path, opts: PretrainOpti
             "llm_image_grid": model.llm_image_grid,
             "max_length": model.max_length,
             "opts": asdict(opts),
-            "manifests": [hashlib.sha256(p.read_bytes()).hexdigest() for p in manifests],
+            "data": data,
         },
         sort_keys=True,
     )
@@ -142,6 +146,7 @@ def pretrain_tiny(
     out: str | Path,
     opts: PretrainOptions | None = None,
     log: Any = print,
+    data_key: str | None = None,
 ) -> Path:
     """Pretrain the tiny LLaVA of ``model.tiny`` on ``shards_root`` and save it to ``out``.
 
@@ -158,7 +163,7 @@ def pretrain_tiny(
     opts = opts or PretrainOptions()
     out = Path(out)
     tiny = model.model_copy(update={"base": "tiny", "weights_path": None})
-    key = pretrain_key(tiny, shards_root, opts)
+    key = pretrain_key(tiny, shards_root, opts, data_key)
     info_path = out / INFO_NAME
     if info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
         log(f"    reusing pretrained tiny LLaVA {out} (inputs unchanged, key {key})")
@@ -193,7 +198,7 @@ def pretrain_tiny(
         torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
         optim.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % opts.log_every == 0 or step == opts.steps:
             elapsed = time.perf_counter() - t0
             eta = elapsed / step * (opts.steps - step)

@@ -16,7 +16,6 @@ from pixellm.data.collate import collate_batch, make_collate
 from pixellm.data.formats import DataError
 from pixellm.data.stream import (
     PreprocessBatch,
-    build_train_dataset,
     iter_local_batches,
     make_plan,
     mixture_counts,
@@ -56,7 +55,7 @@ def test_rank_plans_are_each_in_ratio_and_disjoint(small_recipe: Recipe) -> None
 
 def test_stream_layout_deals_blocks_round_robin() -> None:
     from pixellm.config import TrainConfig
-    from pixellm.data.stream import StreamLayout
+    from pixellm.data.train_stream import StreamLayout
 
     t = TrainConfig(
         steps_per_epoch=6, epochs=2, micro_batch_size=2, grad_accum=3, checkpoint_every=4
@@ -163,7 +162,8 @@ def test_preprocess_drops_and_counts_bad_rows(
 def test_two_workers_get_equal_batches_and_ratios(small_recipe: Recipe, ray_cluster) -> None:
     """1,000 samples per rank through ``streaming_split(2, equal=True)``: ratios within 1 point,
     disjoint ranks, each rank exactly its plan sequence in order (what exact resume relies on)."""
-    from pixellm.data.stream import fetch_rows, train_plan
+    from pixellm.data.stream import fetch_rows
+    from pixellm.data.train_stream import build_train_dataset, train_plan
 
     train = small_recipe.train.model_copy(
         update={"steps_per_epoch": 250, "micro_batch_size": 4, "grad_accum": 1}

@@ -43,10 +43,10 @@ TIGHT_SET = [
     "serve.max_queued_requests=1",
     "serve.max_batch_size=4",
     "serve.batch_wait_timeout_s=3",
-    "serve.max_new_tokens=4",
+    "serve.max_new_tokens=7",  # the least a recipe may set: one target (L·N = 6) + EOS
     "serve.retry_after_s=2",
 ]
-BIG_SET = ["serve.max_new_tokens=1", "serve.max_batch_size=4"]
+BIG_SET = ["serve.max_new_tokens=7", "serve.max_batch_size=4"]  # 7: one target + EOS
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_hostile_json_is_a_json_4xx(url, name):
 def test_body_over_the_limit_is_413_before_buffering(url):
     huge = b"x" * 3_000_000  # the main app's cap is ~0.2 MB
     r = requests.post(f"{url}/v1/segment", data=huge, timeout=30)
-    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    assert r.status_code == 413 and "over the limit" in r.json()["error"], r.text
 
     def chunks():  # no Content-Length: chunked transfer, cut by the streaming cap
         for _ in range(60):

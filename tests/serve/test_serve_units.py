@@ -390,7 +390,7 @@ def test_request_guard_turns_an_unexpected_error_into_a_json_500():
     """The real middleware, driven over ASGI: a route that raises gives JSON, not a traceback."""
     import asyncio
 
-    from pixellm.serve.app import RequestGuard
+    from pixellm.serve.guard import RequestGuard
 
     async def broken(scope, receive, send):
         raise RuntimeError("secret detail <object at 0x1234>")

@@ -68,7 +68,9 @@ def test_deepspeed_schedule_warms_up_and_decays_to_each_groups_floor():
         lrs.append([g["lr"] for g in opt.param_groups])
     assert lrs[2] == pytest.approx([0.004, 0.001, 0.002])  # peak at the end of warm-up
     assert lrs[-1] == pytest.approx([0.0004, 0.0001, 0.0002])  # the floor, not 0
-    assert all(lr >= f * 0.999 for row in lrs for lr, f in zip(row, params["warmup_min_lr"]))
+    assert all(
+        lr >= f * 0.999 for row in lrs for lr, f in zip(row, params["warmup_min_lr"], strict=True)
+    )
 
 
 def test_generation_budget_is_derived_so_no_valid_answer_is_cut():

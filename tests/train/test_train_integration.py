@@ -60,6 +60,48 @@ def _check_export_predicts(export_dir) -> None:  # noqa: ANN001
         assert rle["size"] == [96, 128]
 
 
+def _names_and_bytes(obj, names: set[str]) -> int:  # noqa: ANN001
+    """Collect every string key of nested dicts into ``names``; return the bytes of all tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        names.update(k for k in obj if isinstance(k, str))
+        return sum(_names_and_bytes(v, names) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_names_and_bytes(v, names) for v in obj)
+    return 0
+
+
+def _check_light_checkpoint(checkpoint_dir: str, recipe) -> None:  # noqa: ANN001
+    """The checkpoint holds the trained tensors and their optimizer state, no frozen base tensor."""
+    from pathlib import Path
+
+    import torch
+
+    from pixellm.model import build_pixellm
+
+    model = build_pixellm(recipe.model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_bytes = 4 * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    names: set[str] = set()
+    tensor_bytes = 0
+    module_keys: set[str] = set()
+    for f in Path(checkpoint_dir).rglob("*.pt"):
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        tensor_bytes += _names_and_bytes(state, names)
+        if f.name.endswith("model_states.pt"):
+            module_keys |= set(state["module"])
+    assert module_keys == trainable  # by key names: every trained tensor, nothing else
+    assert not names & frozen
+    # by size: module copy + fp32 master + 2 Adam moments of the trainable tensors at most
+    assert tensor_bytes <= 4.1 * trainable_bytes, (tensor_bytes, trainable_bytes, frozen_bytes)
+    assert tensor_bytes < 4 * trainable_bytes + frozen_bytes / 2
+
+
 def test_zero2_two_workers_fault_drill_mlflow_and_pyfunc(
     train_env, ray_cluster, make_recipe, reference_run, tmp_path, monkeypatch
 ) -> None:
@@ -98,6 +140,7 @@ def test_zero2_two_workers_fault_drill_mlflow_and_pyfunc(
         "checkpoint_step_0000004",
         "checkpoint_step_0000006",
     ]
+    _check_light_checkpoint(result.checkpoint_path, recipe)
     _check_export_predicts(result.export_dir)
 
     versions = _client(train_env).search_model_versions("name='drill-model'")
@@ -119,11 +162,11 @@ def test_zero3_resubmission_resumes(train_env, ray_cluster, make_recipe) -> None
     zero3 = "train.deepspeed_config=platform/deepspeed/zero3.json"
     first = train(make_recipe(train_env, "resub", zero3, "train.steps_per_epoch=2"))
     assert first.metrics["step"] == 2
+    resumed = make_recipe(train_env, "resub", zero3, "train.steps_per_epoch=2", "train.epochs=2")
     with pytest.warns(UserWarning, match="train.epochs"):
-        second = train(
-            make_recipe(train_env, "resub", zero3, "train.steps_per_epoch=2", "train.epochs=2")
-        )
+        second = train(resumed)
     assert second.metrics["step"] == 4
+    _check_light_checkpoint(second.checkpoint_path, resumed)
 
     runs = _runs_named(train_env, "resub")
     assert len(runs) == 1

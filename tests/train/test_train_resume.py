@@ -34,7 +34,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_ranks_partition_each_epoch_of_the_plan(reference_run) -> None:
-    from pixellm.data.stream import fetch_rows, mixture_counts, train_plan
+    from pixellm.data.stream import fetch_rows, mixture_counts
+    from pixellm.data.train_stream import train_plan
 
     recipe = reference_run["recipe"]
     t = recipe.train

@@ -1,0 +1,106 @@
+"""The quickstart's real-weights path: a pretrained tiny LLaVA in the llava-hf layout, loaded by
+PixelLM through ``model.base: llava`` + ``model.weights_path`` exactly as llava-1.5-7b-hf is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixellm.config import load_recipe
+from pixellm.model import PixelLM, build_pixellm
+from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
+from tests.model.drawing import draw_example, make_batch
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from pixellm.data.corpus import generate_corpus
+    from pixellm.data.shards import build_shards
+
+    root = tmp_path_factory.mktemp("pretrain")
+    generate_corpus(root / "corpus", seed=0, images=9, image_size=64)
+    for fmt, rel, name in (("muse", "muse", "muse"), ("llava", "llava/llava_instruct.json", "vqa")):
+        images = root / "corpus" / "images"
+        build_shards(
+            fmt, root / "corpus" / rel, str(root / "shards" / name), images=images, engine="local"
+        )
+    opts = PretrainOptions(steps=2, batch_size=2, mixture={"muse": 1.0, "vqa": 1.0}, log_every=1)
+    out = pretrain_tiny(
+        load_recipe("platform/recipes/tiny.yaml").model, root / "shards", root / "llava", opts
+    )
+    return out, root / "shards"
+
+
+def test_pretrained_tiny_llava_is_a_llava_hf_directory_and_is_cached(pretrained, capsys):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    out, shards = pretrained
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "pretrain.json"):
+        assert (out / name).is_file(), name
+    llava = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert llava.get_input_embeddings().num_embeddings == len(tok)  # no codebook tokens yet
+    assert "<seg_0_0>" not in tok.get_vocab()
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["steps"] == 2 and info["loss_lm_first"] > 0
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    opts = PretrainOptions(steps=2, batch_size=2, mixture={"muse": 1.0, "vqa": 1.0}, log_every=1)
+    model_cfg = load_recipe("platform/recipes/tiny.yaml").model
+    pretrain_tiny(model_cfg, shards, out, opts)  # same inputs: reused
+    assert "reusing" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_pixellm_loads_it_via_weights_path_with_clip_and_llm_frozen(pretrained, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    out, _ = pretrained
+    recipe = load_recipe(
+        "platform/recipes/tiny.yaml", ["model.base=llava", f"model.weights_path={out}"]
+    )
+    torch.manual_seed(0)
+    model = build_pixellm(recipe.model)
+    saved = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    ours, theirs = (
+        model.llava.model.vision_tower.state_dict(),
+        saved.model.vision_tower.state_dict(),
+    )
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # the pretrained CLIP, not a fresh random one
+        torch.testing.assert_close(ours[key], theirs[key])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any("vision_tower" in n for n in trainable), "CLIP must be frozen"
+    assert all(
+        "lora_" in n or "token_adapter" in n
+        for n in trainable
+        if "language_model" in n or "lm_head" in n
+    ), "LLM base weights must be frozen"
+    batch = make_batch(model, [draw_example(0), draw_example(1)])
+    model.train()
+    out_train = model(**batch)
+    out_train.loss.backward()
+    model.eval()
+    export = model.save_pretrained(tmp_path / "export")
+    back = PixelLM.from_pretrained(export)
+    with torch.no_grad():
+        a = model(**batch).mask_logits
+        b = back(**batch).mask_logits
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_score_head_gets_gradients_from_the_score_loss(tiny_model):
+    batch = make_batch(tiny_model, [draw_example(0), draw_example(1)])
+    tiny_model.train()
+    out = tiny_model(**batch)
+    assert out.loss_score is not None and float(out.loss_score) > 0
+    assert [s.shape[0] for s in out.scores] == [m.shape[0] for m in batch["gt_masks"]]
+    out.loss_score.backward()
+    head = [p for n, p in tiny_model.named_parameters() if "score_head" in n]
+    assert head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    preds = tiny_model.eval().predict([draw_example(0)[0]], ["Please segment the red square."])
+    assert all(0.0 <= s <= 1.0 for s in preds[0].scores)
+    assert len(preds[0].scores) == len(preds[0].masks)
