@@ -565,7 +565,14 @@ def build_from_import(cfg: ModelConfig):
     # built for real (not on meta): the fresh LoRA of cfg.lora must be initialised normally
     llava = LlavaForConditionalGeneration(LlavaConfig.from_dict(meta["llava_config"])).float()
     model = build_pixellm(resolve_imported(cfg), processor=processor, llava=llava)
-    state = {k: v for k, v in load_file(str(root / WEIGHTS_NAME)).items() if ".lora_" not in k}
+    # LoRA-wrapped layers keep their weight under ".base_layer": map between the import's and
+    # this model's LoRA targets by the name without it
+    names = {k.replace(".base_layer", ""): k for k in model.state_dict()}
+    state = {
+        names.get(k.replace(".base_layer", ""), k): v
+        for k, v in load_file(str(root / WEIGHTS_NAME)).items()
+        if ".lora_" not in k
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".lora_" not in k]
     if missing or unexpected:
