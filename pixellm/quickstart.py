@@ -202,6 +202,7 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
         f"train.micro_batch_size={opts.micro_batch_size}",
         f"train.num_workers={opts.workers}",
         f"train.checkpoint_every={max(1, opts.steps // 2)}",
+        f"train.eval_every={max(1, opts.steps // 8)}",  # val/giou: 8 points on the curves
         f"mlflow.registered_model_name={run_name}",
         *opts.overrides,
     ]
