@@ -40,6 +40,7 @@ PIP_PACKAGES = (
     "safetensors",
     "numpy",
     "pandas",
+    "pyarrow",  # pandas loads it, and pixellm.train (storage, sample log) imports it
     "pycocotools",
     "pillow",
     "pydantic",
