@@ -349,7 +349,11 @@ def _log_export(cfg: dict[str, Any], out: Path, logger: RunLogger | None) -> Non
         )
         try:
             uri = log_pyfunc_model(
-                logger.tracking_uri, logger.run_id, out, cfg["registered_model_name"]
+                logger.tracking_uri,
+                logger.run_id,
+                out,
+                cfg["registered_model_name"],
+                max_new_tokens=int(cfg["flat_recipe"]["serve.max_new_tokens"]),
             )
         except Exception as err:  # noqa: BLE001 - an MLflow outage must not fail a finished run
             warnings.warn(

@@ -46,7 +46,9 @@ PIP_PACKAGES = (
     "pydantic",
     "pyyaml",
 )
-DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = (
+    152  # the derived budget of the shipped recipes (9 targets); see log_pyfunc_model
+)
 
 
 def decode_image(b64: str) -> Any:
@@ -78,12 +80,15 @@ class PixelLMPyfunc(PythonModel):
     """PixelLM behind the MLflow pyfunc interface; loads the exported directory from artifacts."""
 
     def load_context(self, context: Any) -> None:
-        """Load the ``model_dir`` artifact on the device/dtype of ``model_config`` (default auto)."""
+        """Load the ``model_dir`` artifact on the device/dtype of ``model_config`` (default auto);
+        ``model_config['max_new_tokens']`` (the training recipe's derived budget) is the default
+        generation budget."""
         import torch
 
         from pixellm.model import PixelLM
 
         conf = dict(getattr(context, "model_config", None) or {})
+        self.max_new_tokens = int(conf.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = PixelLM.from_pretrained(
             context.artifacts["model_dir"], device=device, dtype=conf.get("dtype", "auto")
@@ -95,7 +100,7 @@ class PixelLMPyfunc(PythonModel):
         Args:
             context: the MLflow context (unused after loading).
             model_input: ``pandas.DataFrame`` with columns ``image`` (base64) and ``question``.
-            params: optional ``{"max_new_tokens": int}``.
+            params: optional ``{"max_new_tokens": int}`` (default: the recipe's derived budget).
 
         Returns:
             ``pandas.DataFrame`` with columns ``text``, ``masks`` (JSON) and ``scores`` (JSON).
@@ -110,7 +115,7 @@ class PixelLMPyfunc(PythonModel):
             raise ValueError(
                 f"input DataFrame lacks columns {sorted(missing)}; need image, question"
             )
-        max_new = int((params or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        max_new = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
         images = [decode_image(b) for b in model_input["image"]]
         preds = self.model.predict(images, [str(q) for q in model_input["question"]], max_new)
         return pd.DataFrame(
@@ -122,9 +127,9 @@ class PixelLMPyfunc(PythonModel):
         )
 
 
-def signature() -> Any:
+def signature(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Any:
     """The model signature: image + question strings in, text/masks/scores strings out,
-    ``max_new_tokens`` as an inference param."""
+    ``max_new_tokens`` as an inference param (default ``max_new_tokens``)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -133,7 +138,7 @@ def signature() -> Any:
         outputs=Schema(
             [ColSpec("string", "text"), ColSpec("string", "masks"), ColSpec("string", "scores")]
         ),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]),
     )
 
 
@@ -165,9 +170,16 @@ def pip_requirements() -> list[str]:
 
 
 def log_pyfunc_model(
-    tracking_uri: str, run_id: str, model_dir: str | Path, registered_model_name: str
+    tracking_uri: str,
+    run_id: str,
+    model_dir: str | Path,
+    registered_model_name: str,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> str:
     """Log the exported model as a pyfunc into ``run_id`` and register it.
+
+    ``max_new_tokens`` (the recipe's ``serve.max_new_tokens``, derived so that no valid answer is
+    cut) is the default of the signature's param and of ``predict``.
 
     The ``pixellm`` package is shipped with the model (``code_paths``) so the model loads where
     only the pip requirements are installed.
@@ -187,9 +199,9 @@ def log_pyfunc_model(
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(pixellm.__file__).parent)],
             pip_requirements=pip_requirements(),
-            signature=signature(),
+            signature=signature(max_new_tokens),
             input_example=_input_example(),
-            model_config={"dtype": "auto"},
+            model_config={"dtype": "auto", "max_new_tokens": max_new_tokens},
             registered_model_name=registered_model_name,
         )
     return info.model_uri

@@ -10,10 +10,9 @@ TINY = REPO / "platform" / "recipes" / "tiny.yaml"
 
 # The resume drills (worker killed, driver killed) replay this run and must match it exactly:
 # 2 workers, 2 epochs x 3 steps, 2 micro-batches per step, checkpoints at 2/4/6, val/giou at 3/6.
-# Corpora whose every sample has a mask: a mask-less micro-batch on one rank crashes the gradient
-# all-reduce until issue 10 item 0 (equal gradients on every rank) lands.
+# The recipe's whole mixture (VQA and no-target MUSE samples too): a rank whose micro-batch has
+# no mask still sends every gradient, so a mask-less batch on one rank cannot stall the all-reduce.
 RESUME_RUN = (
-    "data.mixture={sem_seg: 2, refer_seg: 9}",
     "train.steps_per_epoch=3",
     "train.epochs=2",
     "train.grad_accum=2",

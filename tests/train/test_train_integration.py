@@ -154,6 +154,9 @@ def test_zero2_two_workers_fault_drill_mlflow_and_pyfunc(
     )
     out = pyfunc.predict(frame, params={"max_new_tokens": 8})
     assert list(out.columns) == ["text", "masks", "scores"] and len(out) == 1
+    # the default budget is the recipe's derived one: no valid answer is cut
+    (param,) = pyfunc.metadata.get_params_schema().params
+    assert (param.name, param.default) == ("max_new_tokens", recipe.serve.max_new_tokens)
 
 
 def test_zero3_resubmission_resumes(train_env, ray_cluster, make_recipe) -> None:
