@@ -76,6 +76,7 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path):
     try:
         _wait_healthy(url, proc, log)
         started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in p.name() for p in started), started  # serve run started its Ray
         info = requests.get(f"{url}/v1/model", timeout=10).json()
         assert info["model"] == "model" and "/" not in info["model"]  # no filesystem path
         assert info["limits"]["max_new_tokens"] == 152  # the YAML's user_config reached the replica
