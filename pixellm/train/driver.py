@@ -140,7 +140,7 @@ def _parse_fault(spec: str | None) -> dict[str, Any] | None:
         return None
     try:
         step, rank, marker = spec.split(":", 2)
-        return {"step": int(step), "rank": int(rank), "marker": marker, "delay_s": 3.0}
+        return {"step": int(step), "rank": int(rank), "marker": marker}
     except ValueError:
         raise ConfigError(f"{FAULT_ENV}={spec!r} must look like STEP:RANK:MARKER_PATH") from None
 

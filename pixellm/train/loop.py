@@ -284,8 +284,8 @@ def _maybe_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    marker.write_text(f"killed pid {os.getpid()} at step {step}\n")
-    time.sleep(float(fault["delay_s"]))  # let the controller register the last checkpoint
+    committed = _committed_step()  # waits until the controller has processed every report
+    marker.write_text(f"killed pid {os.getpid()} at step {step} (committed step {committed})\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
