@@ -72,6 +72,7 @@ def _score(export: Path, shards: Path, out: Path, max_new_tokens: int) -> dict[s
         for s, p in zip(chunk, preds, strict=True):
             text = p.text if p.text.count(PLACEHOLDER) == len(p.masks) else ""
             lines.append({"sample_id": s.sample_id, "text": text, "masks": p.masks})
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "predictions.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     report = evaluate_predictions(str(shards / "muse"), path, "muse", splits=list(SPLITS))
