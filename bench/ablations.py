@@ -10,6 +10,10 @@ test_many by the MUSE protocol (Hungarian matching, gIoU / cIoU):
     (d) L = 1         — one scale (the deepest CLIP layer only)
 
     .venv/bin/python bench/ablations.py --out runs/ablations [--steps 800] [--pretrain-steps 150]
+        [--only "(a) full"] [--set KEY=VALUE ...]
+
+``--set`` overrides apply to every variant (e.g. to try a recipe change against its ablations);
+runs with other overrides or steps get their own run names, so they never resume each other.
 
 The corpus, shards and pretrained tiny LLaVA are made under ``--out`` (reused when present: the
 pretrained model is cached by its inputs). Prints the table with deltas to (a) and writes
@@ -79,6 +83,12 @@ def _score(export: Path, shards: Path, out: Path, max_new_tokens: int) -> dict[s
     return {k: v for k, v in report.to_dict()["splits"].items() if k in SPLITS}
 
 
+def _digest(parts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
 def _table(results: dict[str, dict[str, Any]]) -> str:
     base = results["(a) full"]
     head = "| variant | " + " | ".join(f"{s} gIoU | {s} cIoU" for s in SPLITS) + " |"
@@ -106,10 +116,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for every variant")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     shards, weights = _data(out, args.images, args.pretrain_steps, args.recipe)
     results: dict[str, dict[str, Any]] = {}
+    tag = "" if not args.set and args.steps == 800 else "-" + _digest([str(args.steps), *args.set])
     with start_mlflow_server(out / "mlflow") as server:
         for i, (name, sets) in enumerate(VARIANTS.items()):
             if args.only and name not in args.only:
@@ -124,19 +136,23 @@ def main() -> None:
                     f"train.checkpoint_every={args.steps}",
                     f"train.micro_batch_size={args.micro_batch_size}",
                     f"train.storage_path={out / 'ray_results'}",
-                    f"train.run_name=ablation-{i}",
+                    f"train.run_name=ablation-{i}{tag}",
                     f"mlflow.tracking_uri={server.uri}",
                     "mlflow.experiment=pixellm-ablations",
                     f"mlflow.registered_model_name=pixellm-ablation-{i}",
                     *sets,
+                    *args.set,
                 ],
             )
             result = train(recipe)
             results[name] = _score(
-                Path(result.export_dir), shards, out / f"variant-{i}", recipe.serve.max_new_tokens
+                Path(result.export_dir),
+                shards,
+                out / f"variant-{i}{tag}",
+                recipe.serve.max_new_tokens,
             )
             print(name, json.dumps(results[name]), flush=True)
-    (out / "ablations.json").write_text(json.dumps(results, indent=2))
+    (out / f"ablations{tag}.json").write_text(json.dumps(results, indent=2))
     if "(a) full" in results:
         print(_table(results))
 
