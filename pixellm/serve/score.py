@@ -14,6 +14,10 @@ Output directory layout::
 
     OUT/predictions.jsonl   predictions.parquet   errors.jsonl (rows the service refused)
     OUT/report.json  report.md  report.html  overlays/*.png   mlflow_run.json
+    OUT/scoring.json        what the predictions are of (model, split, budget, protocol, mode)
+
+A rerun resumes only the same scoring: predictions of another model or setting are never mixed
+into an existing ``OUT`` (a ``ConfigError`` names both; score into a new ``--out``).
 """
 
 from __future__ import annotations
@@ -289,6 +293,40 @@ def _report(opts: ScoreOptions, out: Path, extra: dict[str, Any]) -> dict[str, A
     return report.to_dict()
 
 
+SCORING_FILE = "scoring.json"
+
+
+def _claim_output(out: Path, opts: ScoreOptions, max_new: int) -> None:
+    """Record what ``out`` holds predictions of; refuse an ``out`` holding another scoring's.
+
+    An ``out`` without ``scoring.json`` (new, or written before the file existed) is claimed.
+
+    Raises:
+        ConfigError: ``out/scoring.json`` names another model, benchmark, split, budget, protocol
+            or mode (a resume would mix two models' predictions in one report).
+    """
+    identity = {
+        "model": opts.model,
+        "benchmark": str(Path(opts.benchmark).expanduser().resolve()),
+        "split": opts.split,
+        "max_new_tokens": max_new,
+        "protocol": opts.protocol,
+        "teacher_forced": opts.teacher_forced,
+    }
+    path = out / SCORING_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+        if diff:
+            changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"{out} holds predictions of another scoring ({changes}); a rerun resumes only "
+                "the same scoring: pass a new --out (or delete that directory)"
+            )
+        return
+    path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
 def score_benchmark(opts: ScoreOptions) -> ScoreResult:
     """Score one split of a benchmark through the PixelLM Serve deployment.
 
@@ -302,7 +340,7 @@ def score_benchmark(opts: ScoreOptions) -> ScoreResult:
         A ``ScoreResult`` (counts, harness figures, written files, MLflow run id).
 
     Raises:
-        ConfigError: bad options or recipe.
+        ConfigError: bad options or recipe, or ``opts.out`` holds another scoring's predictions.
         EvalInputError: the benchmark or split cannot be read.
     """
     start = time.perf_counter()
@@ -313,6 +351,7 @@ def score_benchmark(opts: ScoreOptions) -> ScoreResult:
     batch_size = opts.batch_size or 2 * recipe.serve.max_batch_size
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim_output(out, opts, max_new)
     all_ids = split_sample_ids(opts.benchmark, opts.split)
     done = read_done_ids(out / "predictions.jsonl") & set(all_ids)
     scored = errors = 0

@@ -98,6 +98,15 @@ def test_score_writes_predictions_report_mlflow_and_rerun_skips(env):
     assert again.mlflow_run_id == first.mlflow_run_id  # the same run is resumed, not duplicated
     assert again.report["splits"]["val"] == report["splits"]["val"]
 
+    from pixellm.config import ConfigError
+
+    # Another scoring (here another budget; likewise another model) never resumes this one's file.
+    with pytest.raises(ConfigError, match=r"max_new_tokens: 12 there, 13 now.*new --out"):
+        score_benchmark(_opts(env, out, max_new_tokens=13))
+    assert (out / "predictions.jsonl").read_bytes() == before
+    with pytest.raises(ConfigError, match=r"model: '.*' there, 'models:/other/1' now"):
+        score_benchmark(_opts(env, out, model="models:/other/1"))
+
 
 def test_rerun_after_a_crash_scores_only_what_is_missing(env):
     from pixellm.serve.score import score_benchmark
