@@ -98,6 +98,11 @@ class LossConfig(_Strict):
     lambda_dice: float = Field(0.5, ge=0.0)
     alpha: float = Field(2.0, ge=1.0)  # weight of pixels where >=2 predicted masks are positive
     lambda_score: float = Field(1.0, ge=0.0)  # MSE of the predicted mask IoU (score head)
+    # Not in the paper: InfoNCE between each target token h and the decoder features under its
+    # mask (losses.alignment_loss). 0 = the paper's loss. A small LLM trained briefly needs it: its
+    # target tokens barely differ, and the decoder settles on one class-agnostic mask (measured).
+    lambda_align: float = Field(0.0, ge=0.0)
+    tau_align: float = Field(0.1, gt=0.0)  # temperature of the alignment's cosine similarities
 
 
 _AUTHORS_RELEASE: dict[str, Any] = {

@@ -266,7 +266,7 @@ def _plot_curves(tracking_uri: str, run_id: str, path: Path) -> dict[str, list[f
         right.set_ylabel("val gIoU")
         right.set_ylim(0, 1)
         right.legend(loc="upper right")
-    for key in ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score"):
+    for key in ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score", "loss_align"):
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if not hist:
             continue

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "MaskLosses",
+    "alignment_loss",
     "dice_loss",
     "mask_iou",
     "mask_losses",
@@ -247,3 +248,39 @@ def score_loss(scores: torch.Tensor, ious: torch.Tensor) -> torch.Tensor:
     if scores.numel() == 0:
         return scores.sum() * 0.0
     return F.mse_loss(scores, ious.detach())
+
+
+@_fp32
+def alignment_loss(target_tokens: torch.Tensor, regions: torch.Tensor, tau: float) -> torch.Tensor:
+    """Target-region alignment: symmetric InfoNCE between each fused target token h_k and the mean
+    decoder feature under its ground-truth mask, the other targets of the micro-batch (same image
+    or not) being the negatives; averaged over the L scales. Not in the paper (see
+    ``LossConfig.lambda_align``).
+
+    Args:
+        target_tokens: ``(K, L, C)`` fused target tokens h.
+        regions: ``(K, L, C)`` ``region_features`` of the same targets.
+        tau: softmax temperature of the cosine similarities.
+
+    Returns:
+        Scalar; a graph-connected 0 when K < 2 (nothing to contrast).
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if target_tokens.shape != regions.shape or target_tokens.dim() != 3:
+        raise ValueError(
+            f"target tokens {tuple(target_tokens.shape)} and regions {tuple(regions.shape)} must "
+            "both be (K, L, C)"
+        )
+    k, num_scales, _ = target_tokens.shape
+    if k < 2:
+        return (target_tokens.sum() + regions.sum()) * 0.0
+    labels = torch.arange(k, device=target_tokens.device)
+    total = target_tokens.new_zeros(())
+    for level in range(num_scales):
+        h = F.normalize(target_tokens[:, level], dim=-1)  # (K, C)
+        r = F.normalize(regions[:, level], dim=-1)  # (K, C)
+        sim = h @ r.T / tau  # (K, K): row k = target k against every region
+        total = total + (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+    return total / num_scales

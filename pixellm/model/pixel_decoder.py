@@ -47,6 +47,7 @@ __all__ = [
     "build_pixel_decoder",
     "mask_scores",
     "modulate",
+    "region_features",
 ]
 
 
@@ -60,12 +61,18 @@ class PixelDecoderOutput:
         gamma: ``(L,)`` the normalised scale weights γ used for ``mask_logits``.
         scores: ``(K,)`` predicted IoU of each mask ``mask_logits > 0`` with its target, in [0, 1]
             (the score head; trained with MSE against the measured IoU).
+        target_tokens: ``(K, L, C)`` fused target tokens h (None where a decoder does not expose
+            them); input of the alignment loss.
+        image_features: ``(L, B, C, g, g)`` decoder features f^ℓ of each image, before modulation
+            (None where a decoder does not expose them).
     """
 
     mask_logits: torch.Tensor
     scale_logits: torch.Tensor
     gamma: torch.Tensor
     scores: torch.Tensor
+    target_tokens: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -290,6 +297,25 @@ def modulate(features: torch.Tensor, prev_logits: torch.Tensor) -> torch.Tensor:
     return features * (torch.sigmoid(m) + 1)  # (K, C, g, g), factor broadcast over C
 
 
+def region_features(
+    image_features: torch.Tensor, image_index: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """Mean decoder feature under each target's ground-truth mask, per scale.
+
+    Args:
+        image_features: ``(L, B, C, g, g)`` decoder features f^ℓ.
+        image_index: ``(K,)`` long, the batch image of each target.
+        masks: ``(K, g, g)`` target masks on the feature grid, in [0, 1] (area fractions).
+
+    Returns:
+        ``(K, L, C)``; a zero vector for an empty mask.
+    """
+    feats = image_features[:, image_index]  # (L, K, C, g, g)
+    weight = masks.to(feats.dtype)
+    area = weight.flatten(1).sum(1).clamp(min=1e-6)  # (K,)
+    return torch.einsum("kxy,lkcxy->klc", weight, feats) / area[:, None, None]
+
+
 def mask_scores(mask_logits: torch.Tensor) -> torch.Tensor:
     """Confidence per target: mean sigmoid probability over the pixels predicted foreground.
 
@@ -425,8 +451,8 @@ class PixelLMPixelDecoder(nn.Module):
             ValueError: inconsistent shapes, or an image index outside ``[0, B)``.
         """
         self._check_inputs(image_features, image_index, token_states)
-        feats = self.project_images(image_features)  # (L, B, C, g, g), once per image
-        feats = feats[:, image_index]  # (L, K, C, g, g)
+        per_image = self.project_images(image_features)  # (L, B, C, g, g), once per image
+        feats = per_image[:, image_index]  # (L, K, C, g, g)
         h = self.fuse_tokens(token_states)  # (K, L, C)
         scale_logits: list[torch.Tensor] = []
         mask_tokens: list[torch.Tensor] = []
@@ -439,7 +465,14 @@ class PixelLMPixelDecoder(nn.Module):
         gamma = self.normalized_gamma()
         mask = torch.einsum("l,klhw->khw", gamma, scales)  # (K, 4g, 4g)
         scores = self.score_head(torch.stack(mask_tokens, 1), mask)  # (K,)
-        return PixelDecoderOutput(mask_logits=mask, scale_logits=scales, gamma=gamma, scores=scores)
+        return PixelDecoderOutput(
+            mask_logits=mask,
+            scale_logits=scales,
+            gamma=gamma,
+            scores=scores,
+            target_tokens=h,
+            image_features=per_image,
+        )
 
     def _check_inputs(
         self, image_features: list[torch.Tensor], image_index: torch.Tensor, states: torch.Tensor

@@ -28,17 +28,19 @@ from pixellm.config import ModelConfig
 from pixellm.model import compat
 from pixellm.model.backbone import apply_lora, build_llava
 from pixellm.model.codebook import PLACEHOLDER, SegCodebook
-from pixellm.model.losses import mask_iou, mask_losses, score_loss
+from pixellm.model.losses import alignment_loss, mask_iou, mask_losses, score_loss
 from pixellm.model.pixel_decoder import (
     PixelDecoderOutput,
     PixelLMPixelDecoder,
     build_pixel_decoder,
+    region_features,
 )
 from pixellm.model.processing import (
     IGNORE_INDEX,
     PixelLMProcessor,
     build_processor,
     logits_to_image_size,
+    masks_to_grid,
 )
 
 __all__ = ["PixelLM", "PixelLMOutput", "Prediction", "build_pixellm", "resolve_dtype"]
@@ -63,6 +65,8 @@ class PixelLMOutput:
         loss_score: MSE of the predicted mask IoU against the measured one (scalar), None without
             ground-truth masks.
         scores: per question ``(K_b,)`` predicted IoU of each mask (the score head).
+        loss_align: target-region alignment loss (scalar, ``losses.alignment_loss``), None without
+            ground-truth masks.
     """
 
     loss: torch.Tensor | None
@@ -74,6 +78,7 @@ class PixelLMOutput:
     num_masks: int = 0
     loss_score: torch.Tensor | None = None
     scores: list[torch.Tensor] = field(default_factory=list)
+    loss_align: torch.Tensor | None = None
 
 
 @dataclass
@@ -282,6 +287,7 @@ class PixelLM(nn.Module):
         losses = mask_losses(resized, targets, loss_cfg.alpha)
         ious = [mask_iou(r.detach(), t) for r, t in zip(resized, targets, strict=True)]
         loss_score = score_loss(all_scores, torch.cat(ious) if ious else all_scores.detach())
+        loss_align = self._alignment(decoded, index, gt_masks, valid_hw, no_target)
         # Graph-connected zero: every trainable part gets a gradient (0 where it had no influence)
         # on every rank and micro-batch, so data-parallel gradient reductions always match.
         loss_txt = logits.sum(dtype=torch.float32) * 0.0
@@ -299,6 +305,7 @@ class PixelLM(nn.Module):
             + loss_cfg.lambda_ref * losses.ref
             + loss_cfg.lambda_dice * losses.dice
             + loss_cfg.lambda_score * loss_score
+            + loss_cfg.lambda_align * loss_align
         )
         return PixelLMOutput(
             loss,
@@ -310,7 +317,33 @@ class PixelLM(nn.Module):
             num_masks=losses.num_masks,
             loss_score=loss_score,
             scores=scores,
+            loss_align=loss_align,
         )
+
+    def _alignment(
+        self,
+        decoded: PixelDecoderOutput,
+        image_index: torch.Tensor,
+        gt_masks: list[torch.Tensor],
+        valid_hw: torch.Tensor,
+        no_target: bool,
+    ) -> torch.Tensor:
+        """``alignment_loss`` of the decoded targets (graph-connected 0 for a decoder that does not
+        expose its target tokens, and for the dummy target of a batch without targets)."""
+        h, feats = decoded.target_tokens, decoded.image_features
+        if h is None or feats is None:
+            return decoded.mask_logits.sum() * 0.0
+        if no_target:
+            return (h.sum() + feats.sum()) * 0.0
+        grid, side = feats.shape[-1], self.config.image_size
+        masks = torch.cat(
+            [
+                masks_to_grid(m.to(feats.device), tuple(valid_hw[b].tolist()), side, grid)
+                for b, m in enumerate(gt_masks)
+            ]
+        )  # (K, g, g)
+        regions = region_features(feats, image_index, masks)  # (K, L, C)
+        return alignment_loss(h, regions, self.config.loss.tau_align)
 
     # ------------------------------------------------------------------ inference
     def _answer_text(self, ids: list[int]) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "PixelLMProcessor",
     "build_processor",
     "logits_to_image_size",
+    "masks_to_grid",
     "resize_longest_side",
 ]
 
@@ -79,6 +80,28 @@ def logits_to_image_size(
     x = x[:, :, : valid_hw[0], : valid_hw[1]]
     x = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+def masks_to_grid(
+    masks: torch.Tensor, valid_hw: tuple[int, int], image_side: int, grid: int
+) -> torch.Tensor:
+    """The inverse direction of ``logits_to_image_size`` for ground truth: masks at image size →
+    area fractions on the ``grid x grid`` feature grid over the padded ``image_side`` square.
+
+    Args:
+        masks: ``(K, h, w)`` in [0, 1] at any size covering the un-padded image.
+        valid_hw: un-padded size of the image inside the ``image_side`` square, in pixels.
+
+    Returns:
+        ``(K, grid, grid)`` float, 0 over the padding.
+    """
+    k = masks.shape[0]
+    gh = max(1, min(grid, round(valid_hw[0] * grid / image_side)))
+    gw = max(1, min(grid, round(valid_hw[1] * grid / image_side)))
+    if k == 0:
+        return masks.new_zeros((0, grid, grid), dtype=torch.float32)
+    x = F.interpolate(masks[:, None].float(), size=(gh, gw), mode="area")[:, 0]  # (K, gh, gw)
+    return F.pad(x, (0, grid - gw, 0, grid - gh))
 
 
 @dataclass

@@ -43,7 +43,7 @@ from pixellm.train.validation import load_val_subset
 
 __all__ = ["LOSS_KEYS", "StepStats", "build_training_model", "train_loop_per_worker"]
 
-LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score")
+LOSS_KEYS = ("loss", "loss_txt", "loss_ref", "loss_dice", "loss_score", "loss_align")
 PENDING_METRICS = "mlflow_pending.json"  # rank 0's metrics not yet in MLflow, per checkpoint
 _FINAL_FLUSH_WAIT_S = 120.0  # at the end, keep retrying MLflow this long before giving up
 _MODEL_KEYS = ("pixel_values", "valid_hw", "input_ids", "attention_mask", "labels", "gt_masks")

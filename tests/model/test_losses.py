@@ -184,3 +184,32 @@ def test_mask_iou_and_score_loss_by_hand() -> None:
     torch.testing.assert_close(loss, torch.tensor((0.2**2 + 0.2**2) / 2))
     loss.backward()
     assert scores.grad is not None and bool((scores.grad != 0).all())
+
+
+def test_alignment_loss_by_hand_and_rewards_matching_tokens() -> None:
+    from pixellm.model.losses import alignment_loss
+
+    # K=2, L=1, C=2: token k points exactly at region k -> cosine 1 on the diagonal, 0 off it
+    h = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]], requires_grad=True)
+    regions = torch.tensor([[[3.0, 0.0]], [[0.0, 1.0]]])
+    tau = 0.5
+    got = alignment_loss(h, regions, tau)
+    # each row and column: CE of logits [1/τ, 0] at the right index = log(1 + e^{-1/τ})
+    want = math.log(1 + math.exp(-1 / tau))
+    torch.testing.assert_close(got, torch.tensor(want))
+    swapped = alignment_loss(h, regions.flip(0), tau)  # every token points at the wrong region
+    assert float(swapped) > float(got) + 1.0
+    got.backward()
+    assert h.grad is not None and bool(h.grad.abs().sum() > 0)
+
+
+def test_alignment_loss_single_target_is_connected_zero_and_shapes_are_checked() -> None:
+    from pixellm.model.losses import alignment_loss
+
+    h = torch.randn(1, 2, 4, requires_grad=True)
+    zero = alignment_loss(h, torch.randn(1, 2, 4), 0.1)
+    assert float(zero) == 0.0
+    zero.backward()
+    assert h.grad is not None
+    with pytest.raises(ValueError, match=r"\(K, L, C\)"):
+        alignment_loss(torch.randn(2, 2, 4), torch.randn(2, 1, 4), 0.1)

@@ -175,3 +175,18 @@ def test_mask_scores_by_hand() -> None:
     torch.testing.assert_close(mask_scores(logits), torch.tensor([0.825, 0.0]))
     with pytest.raises(ValueError, match=r"expects \(K, H, W\) logits, got \(4, 4\)"):
         mask_scores(torch.zeros(4, 4))
+
+
+def test_region_features_average_the_features_under_each_mask() -> None:
+    from pixellm.model.pixel_decoder import region_features
+
+    feats = torch.arange(2 * 2 * 3 * 2 * 2, dtype=torch.float32).reshape(
+        2, 2, 3, 2, 2
+    )  # (L,B,C,g,g)
+    masks = torch.zeros(2, 2, 2)
+    masks[0, 0, 0] = masks[0, 1, 1] = 1.0  # target 0 (image 1): cells (0,0) and (1,1)
+    masks[1, 0, 1] = 0.5  # target 1 (image 0): half of cell (0,1)
+    got = region_features(feats, torch.tensor([1, 0]), masks)  # (K, L, C)
+    want0 = (feats[:, 1, :, 0, 0] + feats[:, 1, :, 1, 1]) / 2  # (L, C)
+    want1 = feats[:, 0, :, 0, 1]
+    torch.testing.assert_close(got, torch.stack([want0, want1]))

@@ -210,3 +210,24 @@ def test_uncached_baseline_recomputes_the_sequence_and_cached_feeds_one_token(ti
     prompt = cached[0]
     assert cached == [prompt] + [1] * 5
     assert uncached == [prompt + k for k in range(6)]
+
+
+def test_alignment_loss_is_weighted_into_the_loss_and_reaches_the_llm(tiny_recipe):
+    # λ_align = 0 (the paper's loss): the total has no alignment term; λ_align = 1: it is added
+    # and its gradient alone reaches the LoRA matrices through the target tokens.
+    from pixellm.model import build_pixellm
+
+    def build(lam: float):
+        loss = tiny_recipe.model.loss.model_copy(update={"lambda_align": lam})
+        torch.manual_seed(0)
+        return build_pixellm(tiny_recipe.model.model_copy(update={"loss": loss}))
+
+    paper, ours = build(0.0), build(1.0)
+    batch = make_batch(paper, [draw_example(0), draw_example(1)])
+    out0, out1 = paper(**batch), ours(**batch)
+    assert float(out1.loss_align) > 0
+    torch.testing.assert_close(out1.loss_align, out0.loss_align)
+    torch.testing.assert_close(out1.loss, out0.loss + out1.loss_align)
+    out1.loss_align.backward()
+    lora = [p for n, p in ours.named_parameters() if "lora_B" in n and p.grad is not None]
+    assert lora and any(float(p.grad.abs().sum()) > 0 for p in lora)

@@ -122,3 +122,17 @@ def test_answer_ids_are_the_joint_tokenisation_with_a_llama_style_tokenizer():
     assert tok.convert_ids_to_tokens(separate[0]) == "▁" and separate != answer_ids
     assert tok.convert_ids_to_tokens(answer_ids[0]) == "▁the"
     assert enc.labels[len(prompt) : -1] == answer_ids
+
+
+def test_masks_to_grid_keeps_area_fractions_and_zero_padding() -> None:
+    from pixellm.model.processing import masks_to_grid
+
+    # a 64x32 image (h x w) inside a 64-px square -> a 4x4 grid holds it in 4 rows x 2 columns
+    mask = torch.zeros(1, 64, 32)
+    mask[0, :16, :16] = 1  # the top-left grid cell, wholly
+    mask[0, 16:24, 16:32] = 1  # half of the cell in row 1, column 1
+    grid = masks_to_grid(mask, (64, 32), 64, 4)
+    want = torch.zeros(1, 4, 4)
+    want[0, 0, 0], want[0, 1, 1] = 1.0, 0.5
+    torch.testing.assert_close(grid, want)
+    assert masks_to_grid(mask[:0], (64, 32), 64, 4).shape == (0, 4, 4)

@@ -132,7 +132,16 @@ def test_zero2_two_workers_fault_drill_mlflow_and_pyfunc(
     assert run.data.params["model.decoder.dim"] == "64"
     assert run.data.tags["git.commit"] and run.data.tags["version.deepspeed"]
     assert run.data.tags["checkpoint.latest"].endswith("checkpoint_step_0000006")
-    for key in ("loss", "loss_txt", "loss_ref", "loss_dice", "lr", "samples_per_s", "tokens_per_s"):
+    for key in (
+        "loss",
+        "loss_txt",
+        "loss_ref",
+        "loss_dice",
+        "loss_align",
+        "lr",
+        "samples_per_s",
+        "tokens_per_s",
+    ):
         assert _metric_steps(train_env, run.info.run_id, key) == [1, 2, 3, 4, 5, 6], key
     assert _metric_steps(train_env, run.info.run_id, "val/giou") == [3, 6]
 
