@@ -111,11 +111,17 @@ def _quiet_terminal(log_path: Path) -> Iterator[None]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out, err = sys.stdout, sys.stderr
     with open(log_path, "a", buffering=1) as log:
+        # Ray's C++ core worker writes its warnings straight to file descriptor 2: into the log too
+        err.flush()
+        saved_fd = os.dup(2)
+        os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = _FilteredStream(log, out)
         try:
             yield
         finally:
             sys.stdout, sys.stderr = out, err
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
 
 
 class _Progress:
@@ -192,14 +198,23 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
     weights = []
     if opts.pretrain_steps:  # the real-weights path: the pretrained tiny LLaVA of stage 3
         weights = ["model.base=llava", f"model.weights_path={_pretrained_dir(out)}"]
-    # One preprocessing actor per free *core*: the local cluster has 2 logical CPUs more than the
-    # machine (for Serve, see _start_ray), which would otherwise become 4 more actors competing
-    # with training (measured on 2 cores: train stage 552 s with 6 actors, 406 s with 2).
-    t, cores = base.train, os.cpu_count() or 1
-    free = cores - opts.workers * t.cpus_per_worker
+    # Every core to the training workers (a worker's torch threads = its CPUs), and one
+    # preprocessing actor per core left over, at least one: preprocessing is ~4% of a step's
+    # compute, and the local cluster has 2 logical CPUs more than the machine (for Serve, see
+    # _start_ray), which would otherwise become more actors competing with training. Measured on
+    # 2 cores: train stage 552 s with 1 CPU per worker and 6 actors, 406 s with 2 actors, 260 s
+    # with 2 CPUs per worker and 1 actor. A ``--set train.cpus_per_worker=…`` still wins.
+    cores = os.cpu_count() or 1
+    cpus = max(1, cores // opts.workers)
+    for item in opts.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.cpus_per_worker":
+            cpus = float(value)
+    free = cores - opts.workers * cpus
     actors = max(1, int(free / base.data.preprocess_cpus))
     return [
         *weights,
+        f"train.cpus_per_worker={cpus}",
         f"data.preprocess_actors={actors}",
         f"train.warmup_steps={warmup}",
         f"data.shards_root={out / 'shards'}",
@@ -298,7 +313,8 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
     sets = " ".join(overrides)
     cmds = [
         "make quickstart   # = make env + the next line",
-        f"pixellm quickstart --out {opts.out} --steps {opts.steps} --micro-batch-size {opts.micro_batch_size}",
+        f"pixellm quickstart --out {opts.out} --steps {opts.steps} --micro-batch-size {opts.micro_batch_size}"
+        + (f" --set {' '.join(opts.overrides)}" if opts.overrides else ""),
         "# or stage by stage:",
         f"pixellm corpus generate --out {out / 'corpus'} --seed {opts.seed} --images {opts.images} --image-size {opts.image_size}",
     ]

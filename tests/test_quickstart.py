@@ -33,6 +33,7 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
         assert f"[{i}/7] {stage} done in" in proc.stdout, stage
     # the terminal holds the quickstart's own lines only; Ray's output went to the log file
     assert "\x1b[" not in proc.stdout and "Running Dataset" not in proc.stdout
+    assert "core_worker" not in proc.stdout + proc.stderr  # Ray's C++ warnings (fd 2) → the log
     assert "[pixellm.train] step 4/4" in proc.stdout  # worker progress lines are kept
     assert "pretrain step 2/2" in proc.stdout
     assert (out / "logs" / "quickstart.log").stat().st_size > 0
@@ -131,3 +132,19 @@ print("MODEL_ARTIFACTS", sorted(a.path for a in found))
     # Nothing left running: no MLflow server or Ray started by the run survives it.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out / "mlflow") not in ps
+
+
+def test_training_overrides_give_every_core_to_training_unless_set(tmp_path, monkeypatch):
+    from pixellm.config import load_recipe
+    from pixellm.quickstart import QuickstartOptions, _training_overrides
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+
+    def resolved(overrides: list[str]) -> tuple[float, int]:
+        opts = QuickstartOptions(out=str(tmp_path), overrides=overrides, pretrain_steps=0)
+        train = load_recipe(opts.recipe, _training_overrides(opts, tmp_path, "run"))
+        return train.train.cpus_per_worker, train.data.preprocess_actors
+
+    assert resolved([]) == (4, 1)  # all 4 cores to the worker, one preprocessing actor
+    # the user's value wins, and the cores it leaves free become actors (0.5 CPU each)
+    assert resolved(["train.cpus_per_worker=2"]) == (2, 4)
