@@ -205,11 +205,8 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
     # 2 cores: train stage 552 s with 1 CPU per worker and 6 actors, 406 s with 2 actors, 260 s
     # with 2 CPUs per worker and 1 actor. A ``--set train.cpus_per_worker=…`` still wins.
     cores = os.cpu_count() or 1
-    cpus = max(1, cores // opts.workers)
-    for item in opts.overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "train.cpus_per_worker":
-            cpus = float(value)
+    user_set = any(o.partition("=")[0].strip() == "train.cpus_per_worker" for o in opts.overrides)
+    cpus = base.train.cpus_per_worker if user_set else max(1, cores // opts.workers)
     free = cores - opts.workers * cpus
     actors = max(1, int(free / base.data.preprocess_cpus))
     return [

@@ -328,11 +328,12 @@ class PixelLM(nn.Module):
         valid_hw: torch.Tensor,
         no_target: bool,
     ) -> torch.Tensor:
-        """``alignment_loss`` of the decoded targets (graph-connected 0 for a decoder that does not
-        expose its target tokens, and for the dummy target of a batch without targets)."""
+        """``alignment_loss`` of the decoded targets (graph-connected 0 when ``lambda_align`` is 0,
+        for a decoder that does not expose its target tokens, and for the dummy target of a batch
+        without targets)."""
         h, feats = decoded.target_tokens, decoded.image_features
-        if h is None or feats is None:
-            return decoded.mask_logits.sum() * 0.0
+        if h is None or feats is None or not self.config.loss.lambda_align:
+            return decoded.mask_logits.sum() * 0.0  # off (the paper's loss): nothing computed
         if no_target:
             return (h.sum() + feats.sum()) * 0.0
         grid, side = feats.shape[-1], self.config.image_size
