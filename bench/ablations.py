@@ -9,7 +9,7 @@ test_many by the MUSE protocol (Hungarian matching, gIoU / cIoU):
     (c) N = 1         — one token per scale (φ is then the identity: no fusion)
     (d) L = 1         — one scale (the deepest CLIP layer only)
 
-    .venv/bin/python bench/ablations.py --out runs/ablations [--steps 800] [--pretrain-steps 150]
+    .venv/bin/python bench/ablations.py --out runs/ablations [--steps 700] [--pretrain-steps 150]
         [--only "(a) full"] [--set KEY=VALUE ...]
 
 ``--set`` overrides apply to every variant (e.g. to try a recipe change against its ablations);
@@ -39,7 +39,9 @@ FORMATS = {"muse": "muse", "coco": "sem_seg", "refer": "refer_seg", "llava": "vq
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _data(out: Path, images: int, pretrain_steps: int, recipe: str) -> tuple[Path, Path]:
+def _data(
+    out: Path, images: int, pretrain_steps: int, text_steps: int, recipe: str
+) -> tuple[Path, Path]:
     from pixellm.config import load_recipe
     from pixellm.data.corpus import generate_corpus
     from pixellm.data.shards import build_shards
@@ -53,7 +55,10 @@ def _data(out: Path, images: int, pretrain_steps: int, recipe: str) -> tuple[Pat
             build_shards(fmt, src, str(shards / name), engine="local")
     model = load_recipe(recipe).model
     weights = pretrain_tiny(
-        model, shards, out / "pretrained", PretrainOptions(steps=pretrain_steps)
+        model,
+        shards,
+        out / "pretrained",
+        PretrainOptions(steps=pretrain_steps, text_steps=text_steps),
     )
     return shards, weights
 
@@ -111,17 +116,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/ablations")
     ap.add_argument("--recipe", default=str(REPO / "platform/recipes/tiny.yaml"))
-    ap.add_argument("--steps", type=int, default=800)
+    from pixellm.quickstart import QuickstartOptions
+
+    qs = QuickstartOptions(out="")  # the quickstart's budget: the same steps and pretraining
+    ap.add_argument("--steps", type=int, default=qs.steps)
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--images", type=int, default=240)
-    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--pretrain-steps", type=int, default=qs.pretrain_steps)
+    ap.add_argument("--pretrain-text-steps", type=int, default=qs.pretrain_text_steps)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for every variant")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    shards, weights = _data(out, args.images, args.pretrain_steps, args.recipe)
+    shards, weights = _data(
+        out, args.images, args.pretrain_steps, args.pretrain_text_steps, args.recipe
+    )
     results: dict[str, dict[str, Any]] = {}
-    tag = "" if not args.set and args.steps == 800 else "-" + _digest([str(args.steps), *args.set])
+    tag = (
+        ""
+        if not args.set and args.steps == qs.steps
+        else "-" + _digest([str(args.steps), *args.set])
+    )
     with start_mlflow_server(out / "mlflow") as server:
         for i, (name, sets) in enumerate(VARIANTS.items()):
             if args.only and name not in args.only:

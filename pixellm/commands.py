@@ -24,7 +24,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    opts = PretrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    opts = PretrainOptions(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        text_steps=args.text_steps,
+        text_batch_size=args.text_batch_size,
+    )
     out = pretrain_tiny(recipe.model, args.shards, args.out, opts)
     print(
         f"pretrained tiny LLaVA: {out}  (train with --set model.base=llava model.weights_path={out})"
@@ -46,11 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Reused when the output directory holds a run with the same inputs.",
     )
     p.add_argument("--recipe", default="platform/recipes/tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE"
+    )
     p.add_argument("--shards", required=True, help="shards root (one directory per corpus)")
     p.add_argument("--out", required=True, help="output llava-hf directory")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--text-steps",
+        type=int,
+        default=d.text_steps,
+        help="language pretraining steps of the LLM alone before the LLaVA steps (0 = none)",
+    )
+    p.add_argument("--text-batch-size", type=int, default=d.text_batch_size)
     p.set_defaults(func=_pretrain)

@@ -62,12 +62,13 @@ class QuickstartOptions:
     images: int = 240
     image_size: int = 128
     seed: int = 0
-    steps: int = 800
+    steps: int = 700
     micro_batch_size: int = 4
     workers: int = 1
     max_new_tokens: int | None = None  # None = the recipe's (derived: no valid answer is cut)
     n_overlays: int = 12  # shared out over val, test_less, test_many
     pretrain_steps: int = 150  # 0 = skip pretraining: the random tiny LLaVA of the recipe
+    pretrain_text_steps: int = 1000  # language pretraining of the tiny LLM first (0 = none)
 
 
 _TERMINAL = sys.stdout  # the real terminal, kept before ``_quiet_terminal`` redirects
@@ -247,7 +248,9 @@ def _pretrain(opts: QuickstartOptions, out: Path) -> Path:
     from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
 
     model = load_recipe(opts.recipe, opts.overrides).model
-    popts = PretrainOptions(steps=opts.pretrain_steps, seed=opts.seed)
+    popts = PretrainOptions(
+        steps=opts.pretrain_steps, text_steps=opts.pretrain_text_steps, seed=opts.seed
+    )
     return pretrain_tiny(
         model,
         out / "shards",
@@ -311,6 +314,7 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
     cmds = [
         "make quickstart   # = make env + the next line",
         f"pixellm quickstart --out {opts.out} --steps {opts.steps} --micro-batch-size {opts.micro_batch_size}"
+        f" --pretrain-steps {opts.pretrain_steps} --pretrain-text-steps {opts.pretrain_text_steps}"
         + (f" --set {' '.join(opts.overrides)}" if opts.overrides else ""),
         "# or stage by stage:",
         f"pixellm corpus generate --out {out / 'corpus'} --seed {opts.seed} --images {opts.images} --image-size {opts.image_size}",
@@ -320,7 +324,8 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
         for fmt, name in FORMATS.items()
     ]
     cmds += [
-        f"pixellm pretrain-tiny --recipe {opts.recipe} --shards {out / 'shards'} --out {_pretrained_dir(out)} --steps {opts.pretrain_steps}",
+        f"pixellm pretrain-tiny --recipe {opts.recipe} --shards {out / 'shards'} --out {_pretrained_dir(out)} --steps {opts.pretrain_steps} --text-steps {opts.pretrain_text_steps}"
+        + (f" --set {' '.join(opts.overrides)}" if opts.overrides else ""),
         _mlflow_command("server", out, 5000),
         "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000",
         f"pixellm train --recipe {opts.recipe} --set {sets}",
@@ -466,7 +471,8 @@ def _run_stages(
         with progress.stage(
             3,
             "pretrain",
-            f"tiny LLaVA (CLIP + LLM), {opts.pretrain_steps} steps, llava-hf layout",
+            f"tiny LLaVA ({opts.pretrain_text_steps} LLM text steps, then {opts.pretrain_steps} "
+            "CLIP + LLM steps), llava-hf layout",
         ):
             _pretrain(opts, out)
     with progress.stage(4, "mlflow", "starting mlflow server (SQLite backend) on 127.0.0.1"):
@@ -627,6 +633,12 @@ def register_arguments(p: Any, on_run: Callable[[Any], int]) -> None:
         default=d.pretrain_steps,
         help="steps of the tiny LLaVA pretraining (0 = train on the random tiny LLaVA)",
     )
+    p.add_argument(
+        "--pretrain-text-steps",
+        type=int,
+        default=d.pretrain_text_steps,
+        help="steps of language pretraining of the tiny LLM before the LLaVA steps (0 = none)",
+    )
     p.add_argument("--n-overlays", type=int, default=d.n_overlays)
     p.set_defaults(func=on_run)
 
@@ -645,4 +657,5 @@ def options_from_args(args: Any) -> QuickstartOptions:
         max_new_tokens=args.max_new_tokens,
         n_overlays=args.n_overlays,
         pretrain_steps=args.pretrain_steps,
+        pretrain_text_steps=args.pretrain_text_steps,
     )

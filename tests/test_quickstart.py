@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
     cmd = [
         sys.executable, "-m", "pixellm.cli", "quickstart", "--out", str(out),
         "--images", "24", "--steps", "4", "--micro-batch-size", "2", "--max-new-tokens", "16",
-        "--n-overlays", "2", "--pretrain-steps", "2",
+        "--n-overlays", "2", "--pretrain-steps", "2", "--pretrain-text-steps", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -35,7 +36,7 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
     assert "\x1b[" not in proc.stdout and "Running Dataset" not in proc.stdout
     assert "core_worker" not in proc.stdout + proc.stderr  # Ray's C++ warnings (fd 2) → the log
     assert "[pixellm.train] step 4/4" in proc.stdout  # worker progress lines are kept
-    assert "pretrain step 2/2" in proc.stdout
+    assert "pretrain text step 2/2" in proc.stdout and "pretrain step 2/2" in proc.stdout
     assert (out / "logs" / "quickstart.log").stat().st_size > 0
     assert (out / "pretrained" / "tiny-llava" / "config.json").is_file()
     report_dir = out / "report"
@@ -59,6 +60,12 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
 
     # The registered model reloads from the MLflow registry (SQLite store of this run) and predicts.
     summary = json.loads((report_dir / "summary.json").read_text())
+    from pixellm.cli import build_parser
+
+    printed = [c for c in summary["Commands to reproduce"] if c.startswith("pixellm ")]
+    assert any(c.startswith("pixellm pretrain-tiny") for c in printed)
+    for command in printed:  # every printed command is one the CLI accepts as written
+        build_parser().parse_args(shlex.split(command)[1:])
     run_name = summary["Run"]["run_name"]
     check = f"""
 import mlflow, sys

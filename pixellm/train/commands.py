@@ -15,10 +15,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe key (repeatable), e.g. --set train.steps_per_epoch=50",
+        help="override recipe keys, e.g. --set train.steps_per_epoch=50 train.lr=1e-3 (repeatable)",
     )
 
 

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--val-questions", type=int, default=48)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     shards = _shards(out)

@@ -6,7 +6,11 @@ makes a small one: the tiny LLaVA of ``model.tiny`` (random CLIP, projector and 
 end — CLIP, projector and LLM all trainable — with the LLaVA objective, next-token cross-entropy on
 the assistant answers of the generated corpus (grounded VQA: "the small red circle and the large blue
 square.", "There is no green star in this image.", "There are two circles."), with the ``[SEG]``
-placeholders removed (the base model knows nothing of PixelLM's codebook; PixelLM adds it). The
+placeholders removed (the base model knows nothing of PixelLM's codebook; PixelLM adds it). As a
+real LLaVA's LLM is a language model before it sees an image, ``text_steps`` first train the LLM
+alone on the same conversations with the image tokens dropped: that is where the tiny LLM learns to
+copy the shapes a question names (measured on MUSE val, 150 LLaVA steps, greedy answers: named
+targets recalled 1% without it, 73% after 1,000 text steps with a 4-layer LLM). The
 image goes through the same path PixelLM uses (deepest ``feature_layers[0]`` CLIP layer pooled to
 ``llm_image_grid``² tokens), so the pretrained CLIP learns what the questions ask about: colours,
 kinds, sizes and positions of the shapes.
@@ -29,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -51,6 +56,9 @@ class PretrainOptions:
     seed: int = 0
     mixture: dict[str, float] | None = None  # None = {muse: 2, refer_seg: 1, vqa: 1, sem_seg: 1}
     log_every: int = 25
+    text_steps: int = 0  # language pretraining of the LLM alone first (image tokens dropped)
+    text_batch_size: int = 32
+    text_mixture: dict[str, float] | None = None  # None = {muse: 2, refer_seg: 1}
 
 
 def pretrain_key(
@@ -76,41 +84,86 @@ def pretrain_key(
 
 
 def _batches(
-    model: ModelConfig, shards_root: str, opts: PretrainOptions, processor: Any
+    shards_root: str,
+    opts: PretrainOptions,
+    processor: Any,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    text_only: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated (image, answer-without-[SEG]) batches from the mixed train stream."""
-    from pixellm.data.stream import fetch_rows, make_plan
+    """Collated (image, answer-without-[SEG]) batches from the mixed train stream.
 
-    mixture = opts.mixture or {"muse": 2.0, "refer_seg": 1.0, "vqa": 1.0, "sem_seg": 1.0}
+    ``text_only`` drops the image tokens, never decodes an image, and reads and tokenises each
+    distinct shard row once (the plan repeats rows over its epochs).
+    """
+    from pixellm.data.stream import Plan, fetch_rows, make_plan
+
+    if text_only:
+        mixture = opts.text_mixture or {"muse": 2.0, "refer_seg": 1.0}
+    else:
+        mixture = opts.mixture or {"muse": 2.0, "refer_seg": 1.0, "vqa": 1.0, "sem_seg": 1.0}
     data = DataConfig(shards_root=shards_root, mixture=mixture)
-    plan = make_plan(data, "train", opts.steps * opts.batch_size, seed=opts.seed)
+    plan = make_plan(data, "train", steps * batch_size, seed=seed)
+    seen: dict[tuple[int, ...], dict[str, Any] | None] = {}  # text_only: row → sample
     pending: list[dict[str, Any]] = []
     for i in range(0, len(plan), 64):
-        for row in fetch_rows(plan[i : i + 64]).to_pylist():
-            conv = [
-                {"role": t["role"], "text": " ".join(t["text"].replace("[SEG]", "").split())}
-                for t in row["conversation"]
-            ]
-            try:
-                enc = processor.encode_conversation(conv)
-            except ValueError:
+        keys = [tuple(int(v) for v in r) for r in plan.rows[i : i + 64]]
+        todo = [k for k in dict.fromkeys(keys) if k not in seen] if text_only else keys
+        rows = fetch_rows(Plan(plan.shards, np.asarray(todo, dtype=np.int64).reshape(-1, 3)))
+        fetched = [_sample(row, processor, text_only) for row in rows.to_pylist()] if todo else []
+        if text_only:
+            seen.update(zip(todo, fetched, strict=True))
+            fetched = [seen[k] for k in keys]
+        for sample in fetched:
+            if sample is None:
                 continue  # too long for model.max_length: not a pretraining sample
-            with Image.open(io.BytesIO(row["image"])) as im:
-                pixels, _ = processor.transform_image(im)
-            pending.append({"ids": enc.input_ids, "labels": enc.labels, "pixels": pixels})
-            if len(pending) == opts.batch_size:
+            pending.append(sample)
+            if len(pending) == batch_size:
                 yield _collate(pending, processor)
                 pending = []
 
 
+def _sample(row: dict[str, Any], processor: Any, text_only: bool) -> dict[str, Any] | None:
+    """One shard row → ids, labels (and pixels unless ``text_only``); None if too long."""
+    conv = [
+        {"role": t["role"], "text": " ".join(t["text"].replace("[SEG]", "").split())}
+        for t in row["conversation"]
+    ]
+    try:
+        enc = processor.encode_conversation(conv)
+    except ValueError:
+        return None
+    if text_only:
+        keep = [k for k, t in enumerate(enc.input_ids) if t != processor.image_token_id]
+        return {"ids": [enc.input_ids[k] for k in keep], "labels": [enc.labels[k] for k in keep]}
+    with Image.open(io.BytesIO(row["image"])) as im:
+        pixels, _ = processor.transform_image(im)
+    return {"ids": enc.input_ids, "labels": enc.labels, "pixels": pixels}
+
+
 def _collate(rows: list[dict[str, Any]], processor: Any) -> dict[str, torch.Tensor]:
     pad = processor.tokenizer.pad_token_id
-    return {
-        "pixel_values": torch.stack([r["pixels"] for r in rows]),  # (B, 3, S, S)
+    batch = {
         "input_ids": processor.pad([r["ids"] for r in rows], pad),  # (B, T)
         "labels": processor.pad([r["labels"] for r in rows], -100),  # (B, T)
         "attention_mask": processor.pad([[1] * len(r["ids"]) for r in rows], 0),  # (B, T)
     }
+    if "pixels" in rows[0]:
+        batch["pixel_values"] = torch.stack([r["pixels"] for r in rows])  # (B, 3, S, S)
+    return batch
+
+
+def _text_lm_loss(llava: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token CE of the answers from the LLM alone (no image tokens)."""
+    embeds = llava.get_input_embeddings()(batch["input_ids"])  # (B, T, H)
+    hidden = llava.model.language_model(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    logits = llava.lm_head(hidden[:, :-1]).float()  # (B, T-1, V)
+    return F.cross_entropy(
+        logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
 
 
 def _lm_loss(llava: Any, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,6 +191,44 @@ def _lm_loss(llava: Any, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> to
     return F.cross_entropy(
         logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
     )
+
+
+def _fit(
+    llava: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    loss_fn: Any,
+    opts: PretrainOptions,
+    steps: int,
+    batch_size: int,
+    name: str,
+    log: Any,
+) -> list[float]:
+    """AdamW with linear warm-up and decay to 10% over ``steps``; returns the per-step losses."""
+    optim = torch.optim.AdamW(llava.parameters(), lr=opts.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim,
+        lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)) * max(0.1, 1 - s / max(1, steps)),
+    )
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    every = max(opts.log_every, steps // 10)
+    for step, batch in enumerate(batches, 1):
+        loss = loss_fn(batch)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % every == 0 or step == steps:
+            elapsed = time.perf_counter() - t0
+            recent = sum(losses[-every:]) / len(losses[-every:])
+            log(
+                f"    {name} step {step}/{steps} loss_lm={recent:.4f} "
+                f"samples/s={step * batch_size / elapsed:.1f} "
+                f"ETA {elapsed / step * (steps - step):.0f}s"
+            )
+    return losses
 
 
 def pretrain_tiny(
@@ -181,32 +272,39 @@ def pretrain_tiny(
     )
     torch.manual_seed(opts.seed)
     llava = build_llava(tiny, base_tok).train()
-    optim = torch.optim.AdamW(llava.parameters(), lr=opts.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, opts.warmup_steps)) * max(0.1, 1 - s / max(1, opts.steps))
-        ),
-    )
     t0 = time.perf_counter()
-    losses: list[float] = []
-    step = 0
-    for step, batch in enumerate(_batches(tiny, str(shards_root), opts, processor), 1):
-        loss = _lm_loss(llava, tiny, batch)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step % opts.log_every == 0 or step == opts.steps:
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / step * (opts.steps - step)
-            recent = sum(losses[-opts.log_every :]) / len(losses[-opts.log_every :])
-            log(
-                f"    pretrain step {step}/{opts.steps} loss_lm={recent:.4f} "
-                f"samples/s={step * opts.batch_size / elapsed:.1f} ETA {eta:.0f}s"
-            )
+    if opts.text_steps:
+        text = _batches(
+            str(shards_root),
+            opts,
+            processor,
+            opts.text_steps,
+            opts.text_batch_size,
+            opts.seed + 1,
+            text_only=True,
+        )
+        _fit(
+            llava,
+            text,
+            lambda b: _text_lm_loss(llava, b),
+            opts,
+            opts.text_steps,
+            opts.text_batch_size,
+            "pretrain text",
+            log,
+        )
+    images = _batches(str(shards_root), opts, processor, opts.steps, opts.batch_size, opts.seed)
+    losses = _fit(
+        llava,
+        images,
+        lambda b: _lm_loss(llava, tiny, b),
+        opts,
+        opts.steps,
+        opts.batch_size,
+        "pretrain",
+        log,
+    )
+    step = len(losses)
     if not losses:
         raise RuntimeError(f"pretraining found no usable train rows under {shards_root}")
     out.mkdir(parents=True, exist_ok=True)

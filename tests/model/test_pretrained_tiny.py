@@ -104,3 +104,43 @@ def test_score_head_gets_gradients_from_the_score_loss(tiny_model):
     preds = tiny_model.eval().predict([draw_example(0)[0]], ["Please segment the red square."])
     assert all(0.0 <= s <= 1.0 for s in preds[0].scores)
     assert len(preds[0].scores) == len(preds[0].masks)
+
+
+def test_text_phase_trains_the_llm_alone_on_image_free_conversations(pretrained):
+    from pixellm.model.backbone import build_llava
+    from pixellm.model.tokenizer import build_tiny_tokenizer
+    from pixellm.train.pretrain import _batches, _fit, _text_lm_loss
+
+    _, shards = pretrained
+    cfg = load_recipe("platform/recipes/tiny.yaml").model
+    model = build_pixellm(cfg)  # only for its processor (image token id, chat template)
+    opts = PretrainOptions(
+        mixture={"muse": 1.0, "vqa": 1.0},
+        text_mixture={"muse": 1.0, "vqa": 1.0},
+        log_every=1,
+        warmup_steps=1,
+    )
+    batches = list(_batches(str(shards), opts, model.processor, 3, 4, seed=0, text_only=True))
+    assert len(batches) == 3
+    image_id = model.processor.image_token_id
+    for b in batches:
+        assert "pixel_values" not in b and not (b["input_ids"] == image_id).any()
+        assert (b["labels"] != -100).any()
+    # the same plan with images: the same conversations, less the image tokens
+    with_images = next(_batches(str(shards), opts, model.processor, 3, 4, seed=0))
+    first = with_images["input_ids"][0][with_images["attention_mask"][0].bool()]
+    assert (
+        first[first != image_id].tolist()
+        == batches[0]["input_ids"][0][batches[0]["attention_mask"][0].bool()].tolist()
+    )
+
+    torch.manual_seed(0)
+    llava = build_llava(cfg, build_tiny_tokenizer(cfg.tiny.vocab_size))
+    before = {n: p.detach().clone() for n, p in llava.named_parameters()}
+    losses = _fit(llava, iter(batches), lambda b: _text_lm_loss(llava, b), opts, 3, 4, "t", print)
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    after = dict(llava.named_parameters())
+    vision = [n for n in before if "vision_tower" in n or "multi_modal_projector" in n]
+    text = [n for n in before if "language_model" in n]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)
+    assert any(not torch.equal(before[n], after[n]) for n in text)
