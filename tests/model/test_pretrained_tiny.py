@@ -27,7 +27,14 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         build_shards(
             fmt, root / "corpus" / rel, str(root / "shards" / name), images=images, engine="local"
         )
-    opts = PretrainOptions(steps=2, batch_size=2, mixture={"muse": 1.0, "vqa": 1.0}, log_every=1)
+    opts = PretrainOptions(
+        steps=2,
+        batch_size=2,
+        mixture={"muse": 1.0, "vqa": 1.0},
+        log_every=1,
+        text_steps=2,
+        text_mixture={"muse": 1.0},
+    )
     out = pretrain_tiny(
         load_recipe("platform/recipes/tiny.yaml").model, root / "shards", root / "llava", opts
     )
@@ -46,8 +53,16 @@ def test_pretrained_tiny_llava_is_a_llava_hf_directory_and_is_cached(pretrained,
     assert "<seg_0_0>" not in tok.get_vocab()
     info = json.loads((out / "pretrain.json").read_text())
     assert info["steps"] == 2 and info["loss_lm_first"] > 0
+    assert info["text_steps"] == 2 and info["text_loss_lm_first"] > 0
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    opts = PretrainOptions(steps=2, batch_size=2, mixture={"muse": 1.0, "vqa": 1.0}, log_every=1)
+    opts = PretrainOptions(
+        steps=2,
+        batch_size=2,
+        mixture={"muse": 1.0, "vqa": 1.0},
+        log_every=1,
+        text_steps=2,
+        text_mixture={"muse": 1.0},
+    )
     model_cfg = load_recipe("platform/recipes/tiny.yaml").model
     pretrain_tiny(model_cfg, shards, out, opts)  # same inputs: reused
     assert "reusing" in capsys.readouterr().out
