@@ -155,9 +155,8 @@ def _collate(rows: list[dict[str, Any]], processor: Any) -> dict[str, torch.Tens
     return batch
 
 
-def _text_lm_loss(llava: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token CE of the answers from the LLM alone (no image tokens)."""
-    embeds = llava.get_input_embeddings()(batch["input_ids"])  # (B, T, H)
+def _answer_loss(llava: Any, embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token CE of the answer tokens (``batch["labels"]``) given input embeddings ``(B, T, H)``."""
     hidden = llava.model.language_model(
         inputs_embeds=embeds, attention_mask=batch["attention_mask"]
     ).last_hidden_state
@@ -165,6 +164,11 @@ def _text_lm_loss(llava: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(
         logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
     )
+
+
+def _text_lm_loss(llava: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token CE of the answers from the LLM alone (no image tokens)."""
+    return _answer_loss(llava, llava.get_input_embeddings()(batch["input_ids"]), batch)
 
 
 def _lm_loss(llava: Any, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -185,13 +189,7 @@ def _lm_loss(llava: Any, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> to
     embeds = llava.get_input_embeddings()(ids)  # (B, T, H)
     is_image = ids == llava.config.image_token_id
     embeds = embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
-    hidden = llava.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    logits = llava.lm_head(hidden[:, :-1]).float()  # (B, T-1, V)
-    return F.cross_entropy(
-        logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
-    )
+    return _answer_loss(llava, embeds, batch)
 
 
 def _fit(

@@ -14,6 +14,16 @@ from pixellm.model import PixelLM, build_pixellm
 from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
 from tests.model.drawing import draw_example, make_batch
 
+# Two steps of each phase: enough to train, save and reload; the cache test reuses the same options.
+SMALL = PretrainOptions(
+    steps=2,
+    batch_size=2,
+    mixture={"muse": 1.0, "vqa": 1.0},
+    log_every=1,
+    text_steps=2,
+    text_mixture={"muse": 1.0},
+)
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -27,16 +37,8 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         build_shards(
             fmt, root / "corpus" / rel, str(root / "shards" / name), images=images, engine="local"
         )
-    opts = PretrainOptions(
-        steps=2,
-        batch_size=2,
-        mixture={"muse": 1.0, "vqa": 1.0},
-        log_every=1,
-        text_steps=2,
-        text_mixture={"muse": 1.0},
-    )
     out = pretrain_tiny(
-        load_recipe("platform/recipes/tiny.yaml").model, root / "shards", root / "llava", opts
+        load_recipe("platform/recipes/tiny.yaml").model, root / "shards", root / "llava", SMALL
     )
     return out, root / "shards"
 
@@ -55,16 +57,8 @@ def test_pretrained_tiny_llava_is_a_llava_hf_directory_and_is_cached(pretrained,
     assert info["steps"] == 2 and info["loss_lm_first"] > 0
     assert info["text_steps"] == 2 and info["text_loss_lm_first"] > 0
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    opts = PretrainOptions(
-        steps=2,
-        batch_size=2,
-        mixture={"muse": 1.0, "vqa": 1.0},
-        log_every=1,
-        text_steps=2,
-        text_mixture={"muse": 1.0},
-    )
     model_cfg = load_recipe("platform/recipes/tiny.yaml").model
-    pretrain_tiny(model_cfg, shards, out, opts)  # same inputs: reused
+    pretrain_tiny(model_cfg, shards, out, SMALL)  # same inputs: reused
     assert "reusing" in capsys.readouterr().out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
