@@ -60,7 +60,10 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path):
     assert (workdir / env_vars["PIXELLM_RECIPE"]).is_file()
 
     env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "PIXELLM_SERVE_TOKEN"}}
-    env.update({"PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    # unbuffered: the log keeps serve run's own shutdown lines even if it has to be killed
+    env.update(
+        {"PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    )
     log = tmp_path / "serve_run.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -89,7 +92,7 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its Ray down
         try:
-            proc.wait(timeout=120)
+            proc.wait(timeout=300)  # Serve, then its Ray; >120 s seen on 2 loaded cores
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
