@@ -65,15 +65,21 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path):
         {"PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
     )
     log = tmp_path / "serve_run.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [SERVE, "run", str(config)],
-            cwd=workdir,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # Started as from a terminal: a shell's background job (`nohup make test &`) runs with SIGINT
+    # ignored, a child inherits that, and serve run would then ignore the Ctrl-C sent below.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [SERVE, "run", str(config)],
+                cwd=workdir,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     url = f"http://127.0.0.1:{port}"
     started: list[psutil.Process] = []
     try:
@@ -92,7 +98,7 @@ def test_serve_run_of_the_shipped_config_answers(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its Ray down
         try:
-            proc.wait(timeout=300)  # Serve, then its Ray; >120 s seen on 2 loaded cores
+            proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
