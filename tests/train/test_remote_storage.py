@@ -9,6 +9,7 @@ from S3 loads. Nothing is written to a local path named after the URI.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -103,7 +104,12 @@ def _round_trip(train_env, make_recipe, tmp_path, monkeypatch) -> None:  # noqa:
 
     monkeypatch.chdir(tmp_path)
     storage = f"s3://{BUCKET}/runs"
-    common = (f"train.storage_path={storage}", "train.num_workers=1", "train.steps_per_epoch=2")
+    common = (
+        f"train.storage_path={storage}",
+        "train.num_workers=1",
+        "train.steps_per_epoch=2",
+        "train.sample_log=true",  # S3 cannot append: the log is rewritten whole at each flush
+    )
     first = train(make_recipe(train_env, "s3run", *common))
     assert first.metrics["step"] == 2
     assert first.export_dir == f"{storage}/s3run/model"
@@ -117,6 +123,11 @@ def _round_trip(train_env, make_recipe, tmp_path, monkeypatch) -> None:  # noqa:
         assert f"checkpoint_step_{step:07d}/recipe_state.json" in files, sorted(files)
     assert files["model/model.safetensors"] > 0 and "model/pixellm_config.json" in files
     assert not (tmp_path / "s3:").exists()  # no URI turned into a local path
+    fs, path = pafs.FileSystem.from_uri(f"{storage}/s3run/samples/rank-0.jsonl")
+    with fs.open_input_stream(path) as f:
+        steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
+    assert steps == sorted(steps) and set(steps) == {1, 2, 3, 4}, steps  # in order
+    assert len({steps.count(step) for step in (1, 2, 3, 4)}) == 1, steps  # no step logged twice
 
     from mlflow.tracking import MlflowClient
 
