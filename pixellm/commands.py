@@ -31,6 +31,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         text_steps=args.text_steps,
         text_batch_size=args.text_batch_size,
+        vision_lr_scale=args.vision_lr_scale,
+        vision_weight_decay=args.vision_weight_decay,
     )
     out = pretrain_tiny(recipe.model, args.shards, args.out, opts)
     print(
@@ -69,4 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="language pretraining steps of the LLM alone before the LLaVA steps (0 = none)",
     )
     p.add_argument("--text-batch-size", type=int, default=d.text_batch_size)
+    p.add_argument(
+        "--vision-lr-scale",
+        type=float,
+        default=d.vision_lr_scale,
+        help="CLIP's learning rate as a fraction of --lr (image phase)",
+    )
+    p.add_argument(
+        "--vision-weight-decay",
+        type=float,
+        default=d.vision_weight_decay,
+        help="AdamW weight decay of CLIP (image phase)",
+    )
     p.set_defaults(func=_pretrain)

@@ -166,6 +166,10 @@ class ModelConfig(_Strict):
     image_size: int = Field(224, ge=32)  # 448 for the real models (CLIP pos-emb interpolated)
     feature_layers: list[int] = Field(default_factory=lambda: [-1, -3], min_length=1)
     llm_image_grid: int = Field(7, gt=0)  # deepest layer pooled to grid x grid image tokens
+    # how the g x g CLIP map becomes G x G image tokens: bilinear (LLaVA-style resample, the
+    # authors' code) or area (mean of each block). The same at an exact 2x ratio (448: 32 -> 16);
+    # at the tiny 28 -> 7, bilinear reads 4 of every 16 patches and area all of them
+    image_token_pooling: Literal["bilinear", "area"] = "bilinear"
     tokens_per_group: int = Field(3, gt=0)  # N
     max_length: int = Field(256, ge=32)  # text tokens; a sample that does not fit is rejected
     system_prompt: str = (  # LLaVA v1 system prompt; the tiny recipe drops it (pure overhead there)

@@ -43,7 +43,27 @@ from pixellm.model.processing import (
     masks_to_grid,
 )
 
-__all__ = ["PixelLM", "PixelLMOutput", "Prediction", "build_pixellm", "resolve_dtype"]
+__all__ = [
+    "PixelLM",
+    "PixelLMOutput",
+    "Prediction",
+    "build_pixellm",
+    "pool_image_tokens",
+    "resolve_dtype",
+]
+
+
+def pool_image_tokens(features: torch.Tensor, grid: int, mode: str) -> torch.Tensor:
+    """The deepest CLIP map ``(B, g, g, Cv)`` resized to the LLM's ``(B, G*G, Cv)`` image tokens.
+
+    ``mode`` is ``model.image_token_pooling``: ``"bilinear"`` (the authors' resample) or ``"area"``
+    (each token the mean of the patches it covers); identical when g = 2G.
+    """
+    x = features.permute(0, 3, 1, 2)  # (B, Cv, g, g)
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+    pooled = F.interpolate(x, size=(grid, grid), mode=mode, **extra)  # (B, Cv, G, G)
+    return pooled.flatten(2).transpose(1, 2)
+
 
 CONFIG_NAME = "pixellm_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -157,10 +177,9 @@ class PixelLM(nn.Module):
         for layer in self.config.feature_layers:
             hs = hidden_states[layer][:, 1:]  # drop CLS (row 0): (B, g*g, Cv)
             features.append(hs.reshape(b, g, g, -1))  # (B, g, g, Cv)
-        deepest = features[0].permute(0, 3, 1, 2)  # (B, Cv, g, g)
-        grid = self.config.llm_image_grid
-        pooled = F.interpolate(deepest, size=(grid, grid), mode="bilinear", align_corners=False)
-        pooled = pooled.flatten(2).transpose(1, 2)  # (B, G*G, Cv)
+        pooled = pool_image_tokens(
+            features[0], self.config.llm_image_grid, self.config.image_token_pooling
+        )  # (B, G*G, Cv)
         image_embeds = self.llava.model.multi_modal_projector(pooled)  # (B, G*G, H)
         return image_embeds, features
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixellm.config import DataConfig, ModelConfig
+from pixellm.model.pixellm import pool_image_tokens
 
 __all__ = ["PretrainOptions", "pretrain_tiny", "pretrain_key"]
 
@@ -60,6 +61,11 @@ class PretrainOptions:
     text_steps: int = 1000  # language pretraining of the LLM alone first (image tokens dropped)
     text_batch_size: int = 32
     text_mixture: dict[str, float] | None = None  # None = {muse: 2, refer_seg: 1}
+    # CLIP in the image phase: lr x vision_lr_scale with AdamW weight decay. At the full lr and no
+    # decay the deepest layer's tokens grew to norm ~50, ~99% of it the same vector for every image
+    # (the LLM then reads nearly identical image tokens); at 0.1 and 0.1 they stay ~15 (see README)
+    vision_lr_scale: float = 0.1
+    vision_weight_decay: float = 0.1
 
 
 def pretrain_key(
@@ -75,6 +81,7 @@ def pretrain_key(
             "image_size": model.image_size,
             "feature_layers": model.feature_layers,
             "llm_image_grid": model.llm_image_grid,
+            "image_token_pooling": model.image_token_pooling,
             "max_length": model.max_length,
             "opts": asdict(opts),
             "data": data,
@@ -178,13 +185,8 @@ def _lm_loss(llava: Any, cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> to
     hs = out.hidden_states[cfg.feature_layers[0]][:, 1:]  # (B, g*g, Cv), CLS dropped
     b, n, c = hs.shape
     g = int(math.isqrt(n))
-    grid = F.interpolate(
-        hs.transpose(1, 2).reshape(b, c, g, g),
-        size=(cfg.llm_image_grid, cfg.llm_image_grid),
-        mode="bilinear",
-        align_corners=False,
-    )  # (B, Cv, G, G)
-    image_embeds = llava.model.multi_modal_projector(grid.flatten(2).transpose(1, 2))  # (B, G*G, H)
+    pooled = pool_image_tokens(hs.reshape(b, g, g, c), cfg.llm_image_grid, cfg.image_token_pooling)
+    image_embeds = llava.model.multi_modal_projector(pooled)  # (B, G*G, H)
     ids = batch["input_ids"]
     embeds = llava.get_input_embeddings()(ids)  # (B, T, H)
     is_image = ids == llava.config.image_token_id
@@ -202,8 +204,23 @@ def _fit(
     name: str,
     log: Any,
 ) -> list[float]:
-    """AdamW with linear warm-up and decay to 10% over ``steps``; returns the per-step losses."""
-    optim = torch.optim.AdamW(llava.parameters(), lr=opts.lr, betas=(0.9, 0.95))
+    """AdamW with linear warm-up and decay to 10% over ``steps``; returns the per-step losses.
+
+    The vision tower gets ``opts.vision_lr_scale`` of the rate and ``opts.vision_weight_decay``
+    (it has gradients only in the image phase); the projector and the LLM get ``opts.lr``, no decay.
+    """
+    named = list(llava.named_parameters())
+    vision = [p for n, p in named if ".vision_tower." in f".{n}"]
+    rest = [p for n, p in named if ".vision_tower." not in f".{n}"]
+    groups = [
+        {
+            "params": vision,
+            "lr": opts.lr * opts.vision_lr_scale,
+            "weight_decay": opts.vision_weight_decay,
+        },
+        {"params": rest, "lr": opts.lr, "weight_decay": 0.0},
+    ]
+    optim = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim,
         lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)) * max(0.1, 1 - s / max(1, steps)),

@@ -153,3 +153,50 @@ def test_text_phase_trains_the_llm_alone_on_image_free_conversations(pretrained)
     text = [n for n in before if "language_model" in n]
     assert vision and all(torch.equal(before[n], after[n]) for n in vision)
     assert any(not torch.equal(before[n], after[n]) for n in text)
+
+
+def test_image_phase_trains_clip_at_its_own_rate(pretrained):
+    """``vision_lr_scale`` reaches CLIP only: at 0 CLIP stays put while projector and LLM learn."""
+    from pixellm.model.backbone import build_llava
+    from pixellm.model.tokenizer import build_tiny_tokenizer
+    from pixellm.train.pretrain import _batches, _fit, _lm_loss
+
+    _, shards = pretrained
+    cfg = load_recipe("platform/recipes/tiny.yaml").model
+    model = build_pixellm(cfg)  # only for its processor
+    moved = {}
+    for scale in (0.0, 0.5):
+        opts = PretrainOptions(
+            mixture={"muse": 1.0}, warmup_steps=1, vision_lr_scale=scale, vision_weight_decay=0.0
+        )
+        batches = list(_batches(str(shards), opts, model.processor, 2, 2, seed=0))
+        torch.manual_seed(0)
+        llava = build_llava(cfg, build_tiny_tokenizer(cfg.tiny.vocab_size))
+        before = {n: p.detach().clone() for n, p in llava.named_parameters()}
+        _fit(llava, iter(batches), lambda b, m=llava: _lm_loss(m, cfg, b), opts, 2, 2, "i", print)
+        after = dict(llava.named_parameters())
+        moved[scale] = {
+            part: any(not torch.equal(before[n], after[n]) for n in before if part in n)
+            for part in ("vision_tower", "multi_modal_projector", "language_model")
+        }
+    assert moved[0.0] == {
+        "vision_tower": False,
+        "multi_modal_projector": True,
+        "language_model": True,
+    }
+    assert all(moved[0.5].values())
+
+
+def test_image_token_pooling_area_is_block_means_and_bilinear_at_2x():
+    from pixellm.model.pixellm import pool_image_tokens
+
+    x = torch.randn(2, 8, 8, 5)  # (B, g, g, Cv)
+    area = pool_image_tokens(x, 2, "area")  # (B, 4, Cv)
+    blocks = x.reshape(2, 2, 4, 2, 4, 5).mean((2, 4)).reshape(2, 4, 5)
+    assert torch.allclose(area, blocks, atol=1e-6)
+    bilinear = pool_image_tokens(x, 2, "bilinear")  # 8 -> 2 samples 4 of every 16 patches
+    assert not torch.allclose(bilinear, area, atol=1e-3)
+    # at an exact 2x ratio (the 7B's 32 -> 16) the two are the same
+    assert torch.allclose(
+        pool_image_tokens(x, 4, "bilinear"), pool_image_tokens(x, 4, "area"), atol=1e-6
+    )
