@@ -334,6 +334,10 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
         f"pixellm score --model models:/{run_name}/latest --benchmark {out / 'shards' / 'muse'} --split {s} --out {out / 'score' / s}"
         for s in SCORE_SPLITS
     ]
+    cmds += [
+        f"pixellm score --model models:/{run_name}/latest --benchmark {out / 'shards' / 'muse'} --split {s} --out {out / 'score' / s}-teacher-forced --teacher-forced"
+        for s in SCORE_SPLITS
+    ]
     return cmds
 
 
@@ -375,6 +379,7 @@ def _score_splits(
     from pixellm.serve.score import ScoreOptions, score_benchmark
 
     throughput = {}
+    forced_lines: list[str] = []
     scores = out / "score" / run_name  # per run: a rerun never resumes another model's predictions
     merged = scores / "predictions.jsonl"
     merged.parent.mkdir(parents=True, exist_ok=True)
@@ -395,16 +400,37 @@ def _score_splits(
                 n_overlays=2,
             )
         )
+        # the ground-truth answer in the prompt: mask quality alone, without answer generation
+        forced = score_benchmark(
+            ScoreOptions(
+                model=model_uri,
+                benchmark=str(out / "shards" / "muse"),
+                split=split,
+                out=str(scores / f"{split}-teacher-forced"),
+                teacher_forced=True,
+                recipe=opts.recipe,
+                overrides=overrides,
+                app_name=app_name,
+                use_running=True,
+                tracking_uri=tracking_uri,
+                n_overlays=0,
+            )
+        )
         giou = result.report["splits"][split]["giou"]
+        forced_giou = forced.report["splits"][split]["giou"]
         say(
             f"    {split:9s} {result.n_samples} questions in {result.seconds:.1f}s  gIoU {giou:.3f}"
+            f"  (teacher-forced {forced_giou:.3f}, {forced.seconds:.1f}s)"
         )
+        forced_lines += Path(forced.files["predictions.jsonl"]).read_text().splitlines()
         throughput[f"serve_{split}_questions_per_s"] = round(
             result.n_samples / max(result.seconds, 1e-9), 2
         )
         lines += Path(result.files["predictions.jsonl"]).read_text().splitlines()
     merged.write_text("\n".join(lines) + "\n")
-    return {"predictions": merged, "throughput": throughput}
+    forced = scores / "teacher_forced_predictions.jsonl"
+    forced.write_text("\n".join(forced_lines) + "\n")
+    return {"predictions": merged, "teacher_forced_predictions": forced, "throughput": throughput}
 
 
 def _final_report(
@@ -519,10 +545,12 @@ def _summarise(
         **scored["throughput"],
     }
     confidence = _confidence(out, scored["predictions"], report_dir / "score_vs_iou.png")
+    forced = _teacher_forced(out, scored["teacher_forced_predictions"])
     extra = {
         "Training curves": "training_curves.png",
         "Score vs IoU (val)": "score_vs_iou.png",
         "Confidence (per-mask score vs IoU)": confidence,
+        TEACHER_FORCED: forced,
         "Learning (loss terms)": learning,
         "Throughput": throughput,
         "Stage wall times (s)": dict(progress.timings),
@@ -562,6 +590,22 @@ def _train_throughput(tracking_uri: str, run_id: str) -> dict[str, float | None]
     return out
 
 
+TEACHER_FORCED = "Teacher-forced (ground-truth answer in the prompt: mask quality alone)"
+
+
+def _teacher_forced(out: Path, predictions: Path) -> dict[str, str]:
+    """gIoU / cIoU per split of the teacher-forced predictions: the masks the model draws when the
+    answer is given, i.e. what is left to gain by generating the right answer."""
+    from pixellm.eval import evaluate_predictions
+
+    bench = str(out / "shards" / "muse")
+    splits = evaluate_predictions(bench, predictions, "muse", list(SCORE_SPLITS)).to_dict()
+    return {
+        f"{split} gIoU / cIoU": f"{m['giou']:.3f} / {m['ciou']:.3f}"
+        for split, m in splits["splits"].items()
+    }
+
+
 def _confidence(out: Path, predictions: Path, plot: Path) -> dict[str, Any]:
     """Spearman(score, IoU) per split and the val scatter plot."""
     from pixellm.eval import load_benchmark
@@ -583,10 +627,12 @@ def _confidence(out: Path, predictions: Path, plot: Path) -> dict[str, Any]:
 
 def _print_final(out: Path, tracking_uri: str, endpoint: str, summary: dict[str, Any]) -> None:
     say("\n=== PixelLM quickstart finished ===")
+    forced = summary[TEACHER_FORCED]
     for split, m in summary["report"]["splits"].items():
         say(
             f"  {split:10s} gIoU {m['giou']:.3f}  cIoU {m['ciou']:.3f}  "
-            f"questions {m['n_questions']}  no-target acc {m['no_target_accuracy']}"
+            f"questions {m['n_questions']}  no-target acc {m['no_target_accuracy']}  "
+            f"(teacher-forced gIoU / cIoU {forced.get(f'{split} gIoU / cIoU', '–')})"
         )
     say(f"  report      {out / 'report' / 'report.md'}  (HTML: {out / 'report' / 'report.html'})")
     say(f"  MLflow UI   {_mlflow_command('ui', out, 5000)}")

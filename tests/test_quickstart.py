@@ -90,6 +90,13 @@ with start_mlflow_server({str(out / "mlflow")!r}) as server:
     assert "RELOADED 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert summary["Throughput"]["train_samples_per_s"] > 0
     assert "val Spearman(score, IoU)" in summary["Confidence (per-mask score vs IoU)"]
+    # teacher-forced figures beside the generated ones: on the terminal and in the report
+    forced = summary["Teacher-forced (ground-truth answer in the prompt: mask quality alone)"]
+    for split in ("val", "test_less", "test_many", "test"):
+        giou, ciou = (float(x) for x in forced[f"{split} gIoU / cIoU"].split(" / "))
+        assert 0.0 <= giou <= 1.0 and 0.0 <= ciou <= 1.0, split
+    assert terminal.count("(teacher-forced ") == 3 + 4  # a line per scored split, one per final row
+    assert "Teacher-forced" in md
 
     # The printed MLflow command shows the artifacts of the training run and of the registered model.
     line = next(ln for ln in terminal.splitlines() if "MLflow UI" in ln)
