@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -385,34 +385,26 @@ def _score_splits(
     merged.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     for split in SCORE_SPLITS:
-        result = score_benchmark(
-            ScoreOptions(
-                model=model_uri,
-                benchmark=str(out / "shards" / "muse"),
-                split=split,
-                out=str(scores / split),
-                recipe=opts.recipe,
-                overrides=overrides,
-                max_new_tokens=opts.max_new_tokens,
-                app_name=app_name,
-                use_running=True,
-                tracking_uri=tracking_uri,
-                n_overlays=2,
-            )
+        generated = ScoreOptions(
+            model=model_uri,
+            benchmark=str(out / "shards" / "muse"),
+            split=split,
+            out=str(scores / split),
+            recipe=opts.recipe,
+            overrides=overrides,
+            max_new_tokens=opts.max_new_tokens,
+            app_name=app_name,
+            use_running=True,
+            tracking_uri=tracking_uri,
+            n_overlays=2,
         )
+        result = score_benchmark(generated)
         # the ground-truth answer in the prompt: mask quality alone, without answer generation
         forced = score_benchmark(
-            ScoreOptions(
-                model=model_uri,
-                benchmark=str(out / "shards" / "muse"),
-                split=split,
+            replace(
+                generated,
                 out=str(scores / f"{split}-teacher-forced"),
                 teacher_forced=True,
-                recipe=opts.recipe,
-                overrides=overrides,
-                app_name=app_name,
-                use_running=True,
-                tracking_uri=tracking_uri,
                 n_overlays=0,
             )
         )
@@ -428,9 +420,13 @@ def _score_splits(
         )
         lines += Path(result.files["predictions.jsonl"]).read_text().splitlines()
     merged.write_text("\n".join(lines) + "\n")
-    forced = scores / "teacher_forced_predictions.jsonl"
-    forced.write_text("\n".join(forced_lines) + "\n")
-    return {"predictions": merged, "teacher_forced_predictions": forced, "throughput": throughput}
+    merged_forced = scores / "teacher_forced_predictions.jsonl"
+    merged_forced.write_text("\n".join(forced_lines) + "\n")
+    return {
+        "predictions": merged,
+        "teacher_forced_predictions": merged_forced,
+        "throughput": throughput,
+    }
 
 
 def _final_report(
