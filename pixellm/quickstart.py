@@ -68,8 +68,8 @@ class QuickstartOptions:
     max_new_tokens: int | None = None  # None = the recipe's (derived: no valid answer is cut)
     n_overlays: int = 12  # shared out over val, test_less, test_many
     pretrain_steps: int = 150  # 0 = skip pretraining: the random tiny LLaVA of the recipe
-    # language pretraining of the tiny LLM first (0 = none). 500, not 1,000 or 250: test gIoU
-    # 0.326 vs 0.304 and 0.294, same corpus and seed (README), and 110 s less than 1,000
+    # language pretraining of the tiny LLM first (0 = none). 500: test gIoU as at 1,000 (0.287-0.326
+    # over three runs vs 0.304-0.316 over two; 250: 0.294) in ~65 s less pretraining (README)
     pretrain_text_steps: int = 500
 
 
