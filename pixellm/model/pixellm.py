@@ -103,7 +103,11 @@ class PixelLMOutput:
 
 @dataclass
 class Prediction:
-    """One answer: text with one ``[SEG]`` per target, one COCO RLE mask and a score per target."""
+    """One answer: text with one ``[SEG]`` per target, one COCO RLE mask and a score per target.
+
+    A generated target's score is the score head's predicted IoU times the answer's confidence in
+    naming that target (``target_text_confidence``); a teacher-forced one is the head's alone.
+    """
 
     text: str
     masks: list[dict] = field(default_factory=list)
@@ -457,11 +461,34 @@ class PixelLM(nn.Module):
         image_embeds, features = self.encode_images(pixel_values, valid_hw)
         embeds = self.embed_inputs(input_ids, image_embeds)
         mask, positions = self._attention_inputs(input_ids, attention_mask, valid_hw)
-        ids, step_states = self.generate_greedy(
+        ids, step_states, logprobs = self.generate_greedy(
             embeds, mask, budget, use_cache, position_ids=positions
         )
         answers, states = self._collect_states(ids, step_states)
-        return self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
+        preds = self._to_predictions(features, answers, states, [e[1] for e in encoded], sizes)
+        for pred, answer, lp in zip(preds, answers, logprobs, strict=True):
+            confidence = self.target_text_confidence(answer, lp)
+            pred.scores = [s * c for s, c in zip(pred.scores, confidence, strict=True)]
+        return preds
+
+    def target_text_confidence(self, ids: list[int], logprobs: list[float]) -> list[float]:
+        """Per target of a generated answer, how sure the LLM was of naming it: the smallest
+        probability among the tokens since the previous target (its description) and its first
+        codebook token, in [0, 1].
+
+        The score head sees one decoded mask and cannot tell a clean mask of the wrong object from
+        a right one; the answer's hesitation can (quickstart val, one run: Spearman with IoU 0.30
+        for this factor vs -0.14 for the head alone; test_less 0.47 vs -0.11).
+
+        Args:
+            ids: the answer's generated ids (EOS excluded); logprobs: log-probability of each
+                generated id, at least ``len(ids)`` of them.
+        """
+        out, start = [], 0
+        for grp in self.codebook.find_groups(ids):
+            out.append(float(np.exp(min(logprobs[start : grp[0] + 1]))))
+            start = grp[-1] + 1
+        return out
 
     @torch.no_grad()
     def generate_greedy(
@@ -471,7 +498,7 @@ class PixelLM(nn.Module):
         max_new_tokens: int,
         use_cache: bool = True,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[list[list[int]], list[dict[int, torch.Tensor]]]:
+    ) -> tuple[list[list[int]], list[dict[int, torch.Tensor]], list[list[float]]]:
         """Greedy decoding from left-padded prompt embeddings ``(B, T, H)``.
 
         Only what PixelLM needs is kept: the generated ids and, for each generated codebook token,
@@ -492,8 +519,9 @@ class PixelLM(nn.Module):
         codebook token the state that predicted it (the release) instead of its own.
 
         Returns:
-            ``(ids, states)``: per row the generated ids (EOS included, padding after it dropped),
-            and ``{step: state}`` for its codebook tokens.
+            ``(ids, states, logprobs)``: per row the generated ids (EOS included, padding after it
+            dropped), ``{step: state}`` for its codebook tokens, and the log-probability of each
+            generated id under the allowed vocabulary (same length as its ids).
         """
         from transformers import DynamicCache
 
@@ -522,6 +550,7 @@ class PixelLM(nn.Module):
         seq = embeds
         done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
         tokens: list[torch.Tensor] = []
+        chosen: list[torch.Tensor] = []
         states: list[dict[int, torch.Tensor]] = [{} for _ in range(b)]
         for step in range(max_new_tokens):
             logits = head(last).float()  # (B, V)
@@ -530,6 +559,7 @@ class PixelLM(nn.Module):
                 logits[:, suppress] = float("-inf")
             nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             tokens.append(nxt)
+            chosen.append(logits.log_softmax(-1).max(-1).values)  # (B,), log p of the argmax
             is_code = torch.isin(nxt, codebook) & ~done
             if predicting:  # the state that predicted nxt
                 for row in is_code.nonzero().flatten().tolist():
@@ -559,7 +589,8 @@ class PixelLM(nn.Module):
                 states[row][step] = last[row].clone()
         rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(b)]
         ids = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
-        return ids, states
+        logprobs = torch.stack(chosen, 1).tolist() if chosen else [[] for _ in range(b)]
+        return ids, states, [lp[: len(r)] for lp, r in zip(logprobs, ids, strict=True)]
 
     def _collect_states(
         self, sequences: list[list[int]], step_states: list[dict[int, torch.Tensor]]

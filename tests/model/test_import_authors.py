@@ -120,7 +120,7 @@ def test_golden_generated_ids(model, case):
     with torch.no_grad():
         embeds = model.embed_inputs(ids, model.encode_images(pixels, valid)[0])
         mask, positions = model._attention_inputs(ids, mask, valid)
-        seq, _ = model.generate_greedy(
+        seq, _, _ = model.generate_greedy(
             embeds, mask, RECORD["max_new_tokens"], position_ids=positions
         )
     assert seq[0] == c["generated_ids"]

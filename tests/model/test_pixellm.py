@@ -186,6 +186,44 @@ def test_codebook_run_completed_by_the_last_token_is_kept(tiny_model):
     assert cut.text == "" and cut.masks == []
 
 
+def test_generated_score_is_head_iou_times_the_answers_confidence_in_the_target(tiny_model):
+    """Same tokens and states twice; the second time the description token ties with another id
+    (p = 0.5): the mask and the head's IoU are unchanged, the score halves."""
+    model = tiny_model.eval()
+    word = 5  # an ordinary id below the codebook and the special tokens
+    sequence = [word, *model.codebook.ids, model.tokenizer.eos_token_id]
+    img = np.zeros((40, 40, 3), dtype=np.uint8)
+    runs = []
+    for tie in (False, True):
+        calls = {"n": 0}
+
+        def hook(_module, _inputs, out, tie=tie, calls=calls):
+            forced = torch.full_like(out, -1e4)
+            step = min(calls["n"], len(sequence) - 1)
+            forced[..., sequence[step]] = 0.0
+            if tie and step == 0:
+                forced[..., word + 1] = 0.0  # argmax keeps the first: still `word`, at p = 0.5
+            calls["n"] += 1
+            return forced
+
+        handle = model.llava.lm_head.register_forward_hook(hook)
+        try:
+            runs.append(model.predict([img], ["Segment it."], max_new_tokens=len(sequence))[0])
+        finally:
+            handle.remove()
+    sure, unsure = runs
+    assert sure.masks == unsure.masks and len(sure.scores) == 1
+    assert 0.0 < sure.scores[0] <= 1.0
+    assert unsure.scores[0] == pytest.approx(sure.scores[0] * 0.5, rel=1e-4)
+
+
+def test_target_text_confidence_takes_the_least_sure_token_of_each_target(tiny_model):
+    run = tiny_model.codebook.ids
+    ids = [7, 8, *run, 9, *run]
+    lp = [np.log(0.9), np.log(0.4)] + [0.0] * len(run) + [np.log(0.7)] + [np.log(0.6)] * len(run)
+    assert tiny_model.target_text_confidence(ids, lp) == pytest.approx([0.4, 0.6])
+
+
 def test_uncached_baseline_recomputes_the_sequence_and_cached_feeds_one_token(tiny_model):
     """The bench/generate.py baseline: forward inputs grow by one token per step without the
     cache; with it every step after the prompt is one token long."""
