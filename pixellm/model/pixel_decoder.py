@@ -48,6 +48,7 @@ __all__ = [
     "mask_scores",
     "modulate",
     "region_features",
+    "stability_scores",
 ]
 
 
@@ -335,6 +336,32 @@ def mask_scores(mask_logits: torch.Tensor) -> torch.Tensor:
     area = fg.flatten(1).sum(1)  # (K,)
     total = (probs * fg).flatten(1).sum(1)  # (K,)
     return torch.where(area > 0, total / area.clamp(min=1), torch.zeros_like(total))
+
+
+def stability_scores(mask_logits: torch.Tensor, offset: float = 1.0) -> torch.Tensor:
+    """SAM's stability score: IoU of the mask thresholded at ``+offset`` with the one at
+    ``-offset`` logits, i.e. ``|logit > offset| / |logit > -offset|``; a mask that a small shift of
+    the threshold grows or shrinks scores low.
+
+    Args:
+        mask_logits: ``(K, H, W)`` mask logits; foreground is ``logit > 0``.
+        offset: threshold shift in logits (SAM's default 1.0).
+
+    Returns:
+        ``(K,)`` scores in [0, 1]; 0 for a mask with no pixel above ``-offset``.
+
+    Raises:
+        ValueError: ``mask_logits`` is not 3-D or ``offset`` is not positive.
+    """
+    if mask_logits.dim() != 3:
+        raise ValueError(
+            f"stability_scores expects (K, H, W) logits, got {tuple(mask_logits.shape)}"
+        )
+    if offset <= 0:
+        raise ValueError(f"stability_scores offset must be > 0, got {offset}")
+    inner = (mask_logits > offset).flatten(1).sum(1).float()  # (K,)
+    outer = (mask_logits > -offset).flatten(1).sum(1).float()  # (K,)
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.zeros_like(inner))
 
 
 class MaskScoreHead(nn.Module):

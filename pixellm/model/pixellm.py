@@ -34,6 +34,7 @@ from pixellm.model.pixel_decoder import (
     PixelLMPixelDecoder,
     build_pixel_decoder,
     region_features,
+    stability_scores,
 )
 from pixellm.model.processing import (
     IGNORE_INDEX,
@@ -105,8 +106,9 @@ class PixelLMOutput:
 class Prediction:
     """One answer: text with one ``[SEG]`` per target, one COCO RLE mask and a score per target.
 
-    A generated target's score is the score head's predicted IoU times the answer's confidence in
-    naming that target (``target_text_confidence``); a teacher-forced one is the head's alone.
+    A generated target's score is the score head's predicted IoU times the mask's stability
+    (``stability_scores``) times the answer's confidence in naming that target
+    (``target_text_confidence``); a teacher-forced one is the head's alone.
     """
 
     text: str
@@ -398,7 +400,8 @@ class PixelLM(nn.Module):
         h = self.llava.config.text_config.hidden_size
         all_states = torch.cat(states) if states else torch.zeros(0, self.codebook.group_size, h)
         decoded = self._decode(features, image_index, all_states.to(self.device))
-        scores = torch.split(decoded.scores, counts)
+        # (K,): the head's IoU x SAM's stability of the decoder's (4g x 4g) logits, 0 when empty
+        scores = torch.split(decoded.scores * stability_scores(decoded.mask_logits), counts)
         preds = []
         for b, logits in enumerate(torch.split(decoded.mask_logits, counts)):
             full = logits_to_image_size(

@@ -13,6 +13,7 @@ from pixellm.model.pixel_decoder import (
     build_pixel_decoder,
     mask_scores,
     modulate,
+    stability_scores,
 )
 
 L, N, D, CV, G, B = 2, 3, 32, 24, 4, 2  # scales, tokens/group, LLM width, CLIP width, grid, images
@@ -175,6 +176,22 @@ def test_mask_scores_by_hand() -> None:
     torch.testing.assert_close(mask_scores(logits), torch.tensor([0.825, 0.0]))
     with pytest.raises(ValueError, match=r"expects \(K, H, W\) logits, got \(4, 4\)"):
         mask_scores(torch.zeros(4, 4))
+
+
+def test_stability_scores_by_hand() -> None:
+    logits = torch.tensor(
+        [
+            [[2.0, 0.5], [-0.5, -3.0]],  # above +1: 1 pixel, above -1: 3 pixels -> 1/3
+            [[5.0, 4.0], [-2.0, -9.0]],  # a sharp edge: 2 / 2 -> 1
+            [[-2.0, -1.0], [-5.0, -3.0]],  # nothing above -1 -> 0
+        ]
+    )
+    torch.testing.assert_close(stability_scores(logits), torch.tensor([1 / 3, 1.0, 0.0]))
+    torch.testing.assert_close(stability_scores(logits, offset=3.0)[1], torch.tensor(2 / 3))
+    with pytest.raises(ValueError, match=r"expects \(K, H, W\) logits, got \(4, 4\)"):
+        stability_scores(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="offset must be > 0, got 0"):
+        stability_scores(torch.zeros(1, 4, 4), offset=0)
 
 
 def test_region_features_average_the_features_under_each_mask() -> None:

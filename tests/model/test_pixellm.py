@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from pixellm.model import PixelLM
+from pixellm.model.pixel_decoder import stability_scores
 from tests.model.drawing import draw_example, make_batch
 
 TRAINABLE_GROUPS = {
@@ -186,14 +188,21 @@ def test_codebook_run_completed_by_the_last_token_is_kept(tiny_model):
     assert cut.text == "" and cut.masks == []
 
 
-def test_generated_score_is_head_iou_times_the_answers_confidence_in_the_target(tiny_model):
+def test_generated_score_is_head_iou_times_stability_times_the_answers_confidence(tiny_model):
     """Same tokens and states twice; the second time the description token ties with another id
-    (p = 0.5): the mask and the head's IoU are unchanged, the score halves."""
+    (p = 0.5): the mask, the head's IoU and the stability are unchanged, the score halves."""
     model = tiny_model.eval()
     word = 5  # an ordinary id below the codebook and the special tokens
     sequence = [word, *model.codebook.ids, model.tokenizer.eos_token_id]
     img = np.zeros((40, 40, 3), dtype=np.uint8)
-    runs = []
+    runs, decoded = [], []
+
+    def soft_edge(_module, _inputs, out):
+        """Mask logits -3 .. 3 along the width: a soft edge, so the stability is in (0, 1)."""
+        ramp = torch.linspace(-3.0, 3.0, out.mask_logits.shape[-1]).expand_as(out.mask_logits)
+        decoded.append(dataclasses.replace(out, mask_logits=ramp.contiguous()))
+        return decoded[-1]
+
     for tie in (False, True):
         calls = {"n": 0}
 
@@ -207,13 +216,18 @@ def test_generated_score_is_head_iou_times_the_answers_confidence_in_the_target(
             return forced
 
         handle = model.llava.lm_head.register_forward_hook(hook)
+        seen = model.pixel_decoder.register_forward_hook(soft_edge)
         try:
             runs.append(model.predict([img], ["Segment it."], max_new_tokens=len(sequence))[0])
         finally:
             handle.remove()
+            seen.remove()
     sure, unsure = runs
     assert sure.masks == unsure.masks and len(sure.scores) == 1
-    assert 0.0 < sure.scores[0] <= 1.0
+    out = decoded[0]  # the decoder's output of the sure run
+    head, stability = float(out.scores[0]), float(stability_scores(out.mask_logits)[0])
+    assert 0.0 < stability < 1.0 and 0.0 < head < 1.0
+    assert sure.scores[0] == pytest.approx(head * stability, rel=1e-4)  # the answer is sure: p = 1
     assert unsure.scores[0] == pytest.approx(sure.scores[0] * 0.5, rel=1e-4)
 
 
