@@ -32,6 +32,7 @@ import re
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -89,7 +90,8 @@ class _FilteredStream(io.TextIOBase):
     (``[pixellm.…]``, their Ray ``(pid=…)`` prefix stripped)."""
 
     def __init__(self, log: Any, terminal: Any) -> None:
-        self.log, self.terminal, self.pending, self.last = log, terminal, "", ""
+        self.log, self.terminal, self.pending = log, terminal, ""
+        self.shown: deque[str] = deque(maxlen=8)  # the last lines shown
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -97,9 +99,10 @@ class _FilteredStream(io.TextIOBase):
         *lines, self.pending = re.split(r"[\r\n]", self.pending)
         for line in lines:
             m = re.search(r"\[pixellm\.[a-z_]+\] .*", line)
-            # Ray forwards a worker line once per stream it saw it on: show it once
-            if m and m.group(0) != self.last:
-                self.last = m.group(0)
+            # Ray may forward a worker's lines twice, a group at a time (at an eval step the val
+            # line and the step line came as A B A B): show each once. Every step line differs.
+            if m and m.group(0) not in self.shown:
+                self.shown.append(m.group(0))
                 self.terminal.write("    " + m.group(0) + "\n")
         return len(text)
 

@@ -36,6 +36,8 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
     assert "\x1b[" not in proc.stdout and "Running Dataset" not in proc.stdout
     assert "core_worker" not in proc.stdout + proc.stderr  # Ray's C++ warnings (fd 2) → the log
     assert "[pixellm.train] step 4/4" in proc.stdout  # worker progress lines are kept
+    progress = [ln for ln in terminal.splitlines() if "[pixellm." in ln]
+    assert len(progress) == len(set(progress)), "a progress line shown twice"
     assert "pretrain text step 2/2" in proc.stdout and "pretrain step 2/2" in proc.stdout
     assert (out / "logs" / "quickstart.log").stat().st_size > 0
     assert (out / "pretrained" / "tiny-llava" / "config.json").is_file()
@@ -162,3 +164,24 @@ def test_training_overrides_give_every_core_to_training_unless_set(tmp_path, mon
     assert resolved([]) == (4, 1)  # all 4 cores to the worker, one preprocessing actor
     # the user's value wins, and the cores it leaves free become actors (0.5 CPU each)
     assert resolved(["train.cpus_per_worker=2"]) == (2, 4)
+
+
+def test_terminal_shows_each_forwarded_worker_line_once():
+    """Ray forwarded the val line and the step line of an eval step twice, as A B A B."""
+    import io
+
+    from pixellm.quickstart import _FilteredStream
+
+    log, terminal = io.StringIO(), io.StringIO()
+    stream = _FilteredStream(log, terminal)
+    a = "(RayTrainWorker pid=1) [pixellm.train] step 87 val/giou=0.1526"
+    b = "(RayTrainWorker pid=1) [pixellm.train] step 87/700 loss=4.3423"
+    stream.write(f"{a}\n{b}\nRunning Dataset: 3%\r{a}\n{b}\n")
+    stream.write("[pixellm.train] step 88/700 loss=4.40")
+    stream.write("58\n")
+    assert terminal.getvalue().splitlines() == [
+        "    [pixellm.train] step 87 val/giou=0.1526",
+        "    [pixellm.train] step 87/700 loss=4.3423",
+        "    [pixellm.train] step 88/700 loss=4.4058",
+    ]
+    assert log.getvalue().count("step 87/700") == 2  # the log file keeps everything
