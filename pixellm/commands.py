@@ -20,21 +20,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from pixellm.config import load_recipe
+    from pydantic import ValidationError
+
+    from pixellm.config import ConfigError, load_recipe, options_error
+    from pixellm.data.formats import DataError
     from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
 
+    try:
+        opts = PretrainOptions(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            text_steps=args.text_steps,
+            text_batch_size=args.text_batch_size,
+            vision_lr_scale=args.vision_lr_scale,
+            vision_weight_decay=args.vision_weight_decay,
+        )
+    except ValidationError as err:
+        raise ConfigError(options_error("pixellm pretrain-tiny", err)) from None
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    opts = PretrainOptions(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        text_steps=args.text_steps,
-        text_batch_size=args.text_batch_size,
-        vision_lr_scale=args.vision_lr_scale,
-        vision_weight_decay=args.vision_weight_decay,
-    )
-    out = pretrain_tiny(recipe.model, args.shards, args.out, opts)
+    try:
+        out = pretrain_tiny(recipe.model, args.shards, args.out, opts)
+    except DataError as err:  # missing or unreadable shards: one line, no traceback
+        raise ConfigError(f"--shards: {err}") from None
     print(
         f"pretrained tiny LLaVA: {out}  (train with --set model.base=llava model.weights_path={out})"
     )

@@ -426,6 +426,16 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def options_error(command: str, err: ValidationError) -> str:
+    """One line per bad flag of a command whose options are a validated dataclass
+    (``pixellm quickstart``, ``pixellm pretrain-tiny``), named as the user typed it."""
+    lines = [f"{command}: {err.error_count()} bad option(s):"]
+    for e in err.errors():
+        name = str(e["loc"][0]) if e["loc"] else "(options)"
+        lines.append(f"  - --{name.replace('_', '-')}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load and validate a recipe YAML (``None`` = all defaults) plus dotted overrides.
 

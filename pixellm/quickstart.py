@@ -35,11 +35,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pixellm.config import load_recipe
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from pixellm.config import ConfigError, load_recipe, options_error
 
 __all__ = ["QuickstartOptions", "run_quickstart"]
 
@@ -53,25 +56,28 @@ FORMATS = {
 SCORE_SPLITS = ("val", "test_less", "test_many")
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class QuickstartOptions:
-    """Knobs of the quickstart; the defaults finish in about 10 minutes on a 2-core CPU machine."""
+    """Knobs of the quickstart; the defaults finish in about 10 minutes on a 2-core CPU machine.
+    Validated on construction (pydantic ``ValidationError`` naming each bad field)."""
 
     out: str = "runs/quickstart"
     recipe: str = "platform/recipes/tiny.yaml"
     overrides: list[str] = field(default_factory=list)
-    images: int = 240
-    image_size: int = 128
+    images: Annotated[int, Field(ge=3)] = 240  # >= 3: one per split (train / val / test)
+    image_size: Annotated[int, Field(ge=64)] = 128  # as generate_corpus: shapes stay >= ~6 px
     seed: int = 0
-    steps: int = 700
-    micro_batch_size: int = 4
-    workers: int = 1
-    max_new_tokens: int | None = None  # None = the recipe's (derived: no valid answer is cut)
-    n_overlays: int = 12  # shared out over val, test_less, test_many
-    pretrain_steps: int = 150  # 0 = skip pretraining: the random tiny LLaVA of the recipe
+    steps: Annotated[int, Field(ge=1)] = 700
+    micro_batch_size: Annotated[int, Field(ge=1)] = 4
+    workers: Annotated[int, Field(ge=1)] = 1
+    # None = the recipe's (derived: no valid answer is cut)
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    n_overlays: Annotated[int, Field(ge=0)] = 12  # shared out over val, test_less, test_many
+    # 0 = skip pretraining: the random tiny LLaVA of the recipe
+    pretrain_steps: Annotated[int, Field(ge=0)] = 150
     # language pretraining of the tiny LLM first (0 = none). 500: test gIoU as at 1,000 (0.287-0.326
     # over three runs vs 0.304-0.316 over two; 250: 0.294) in ~65 s less pretraining (README)
-    pretrain_text_steps: int = 500
+    pretrain_text_steps: Annotated[int, Field(ge=0)] = 500
 
 
 _TERMINAL = sys.stdout  # the real terminal, kept before ``_quiet_terminal`` redirects
@@ -691,6 +697,18 @@ def register_arguments(p: Any, on_run: Callable[[Any], int]) -> None:
 
 
 def options_from_args(args: Any) -> QuickstartOptions:
+    """``QuickstartOptions`` of the parsed flags.
+
+    Raises:
+        ConfigError: a flag out of range, naming each one (before any work starts).
+    """
+    try:
+        return _options_from_args(args)
+    except ValidationError as err:
+        raise ConfigError(options_error("pixellm quickstart", err)) from None
+
+
+def _options_from_args(args: Any) -> QuickstartOptions:
     return QuickstartOptions(
         out=args.out,
         recipe=args.recipe,

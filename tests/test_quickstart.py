@@ -185,3 +185,31 @@ def test_terminal_shows_each_forwarded_worker_line_once():
         "    [pixellm.train] step 88/700 loss=4.4058",
     ]
     assert log.getvalue().count("step 87/700") == 2  # the log file keeps everything
+
+
+def test_bad_quickstart_and_pretrain_flags_fail_before_any_work(tmp_path, capsys):
+    from pixellm.cli import main
+
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--out", str(out), "--images", "2", "--steps", "0"]
+    assert main([*argv, "--pretrain-steps", "-2", "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pixellm quickstart: 4 bad option(s)" in err
+    for flag, got in (("images", 2), ("steps", 0), ("pretrain-steps", -2), ("max-new-tokens", 0)):
+        assert f"--{flag}: Input should be greater than" in err and f"(got {got})" in err, flag
+    assert not out.exists()  # nothing was started or written
+
+    pretrained = tmp_path / "tiny-llava"
+    argv = ["pretrain-tiny", "--shards", str(tmp_path / "none"), "--out", str(pretrained)]
+    assert main([*argv, "--text-steps", "-1", "--batch-size", "0", "--lr", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pixellm pretrain-tiny: 3 bad option(s)" in err
+    assert (
+        "--text-steps:" in err
+        and "--batch-size:" in err
+        and "--lr: Input should be greater than 0" in err
+    )
+    assert main(argv) == 2  # good flags, no shards: one line naming the flag and the directory
+    err = capsys.readouterr().err
+    assert err.startswith("error: --shards: corpus 'muse'") and "Traceback" not in err
+    assert str(tmp_path / "none" / "muse") in err and not pretrained.exists()

@@ -30,14 +30,16 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from pixellm.config import DataConfig, ModelConfig
 from pixellm.model.pixellm import pool_image_tokens
@@ -47,25 +49,31 @@ __all__ = ["PretrainOptions", "pretrain_tiny", "pretrain_key"]
 INFO_NAME = "pretrain.json"
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class PretrainOptions:
-    """Knobs of the tiny LLaVA pretraining (defaults: about two and a half minutes on 2 idle CPU cores)."""
+    """Knobs of the tiny LLaVA pretraining (defaults: about two and a half minutes on 2 idle CPU
+    cores); validated on construction (pydantic ``ValidationError`` naming each bad field)."""
 
-    steps: int = 150  # more LLaVA steps lower its answer loss but give PixelLM worse masks (README)
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup_steps: int = 20
+    # more LLaVA steps lower its answer loss but give PixelLM worse masks (README)
+    steps: Annotated[int, Field(ge=0)] = 150
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
     seed: int = 0
-    mixture: dict[str, float] | None = None  # None = {muse: 2, refer_seg: 1, vqa: 1, sem_seg: 1}
-    log_every: int = 25
-    text_steps: int = 500  # language pretraining of the LLM alone first (image tokens dropped)
-    text_batch_size: int = 32
-    text_mixture: dict[str, float] | None = None  # None = {muse: 2, refer_seg: 1}
+    # None = {muse: 2, refer_seg: 1, vqa: 1, sem_seg: 1}
+    mixture: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    log_every: Annotated[int, Field(ge=1)] = 25
+    # language pretraining of the LLM alone first (image tokens dropped)
+    text_steps: Annotated[int, Field(ge=0)] = 500
+    text_batch_size: Annotated[int, Field(ge=1)] = 32
+    text_mixture: dict[str, Annotated[float, Field(ge=0)]] | None = (
+        None  # None = {muse: 2, refer_seg: 1}
+    )
     # CLIP in the image phase: lr x vision_lr_scale with AdamW weight decay. At the full lr and no
     # decay the deepest layer's tokens grew to norm ~50, ~99% of it the same vector for every image
     # (the LLM then reads nearly identical image tokens); at 0.1 and 0.1 they stay ~15 (see README)
-    vision_lr_scale: float = 0.1
-    vision_weight_decay: float = 0.1
+    vision_lr_scale: Annotated[float, Field(ge=0)] = 0.1
+    vision_weight_decay: Annotated[float, Field(ge=0)] = 0.1
 
 
 def pretrain_key(
