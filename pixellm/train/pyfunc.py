@@ -1,9 +1,9 @@
 """The trained PixelLM as an ``mlflow.pyfunc`` model, logged and registered at the end of training.
 
 Input: a DataFrame with columns ``image`` (base64 of PNG/JPEG/WebP/BMP bytes) and ``question``;
-param ``max_new_tokens`` (int, default 64). Output: a DataFrame with ``text`` (one ``[SEG]`` per
-target), ``masks`` (JSON list of COCO RLE dicts, one per target, at the input image size) and
-``scores`` (JSON list of floats). The signature and an input example are logged with the model.
+param ``max_new_tokens`` (int, default the training recipe's derived budget). Output: a DataFrame
+with ``text`` (one ``[SEG]`` per target), ``masks`` (JSON list of COCO RLE dicts, one per target,
+at the input image size) and ``scores`` (JSON list of floats). The signature and an input example are logged with the model.
 
 The logged artifact is the self-contained export (base LLaVA + LoRA + PixelLM parts + tokenizer),
 so ``models:/NAME/VERSION`` loads anywhere. Device and dtype are chosen at load time: CUDA when
@@ -19,6 +19,8 @@ import json
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pixellm.config import DataConfig, ModelConfig, answer_token_budget
 
 __all__ = [
     "PIP_PACKAGES",
@@ -46,9 +48,9 @@ PIP_PACKAGES = (
     "pydantic",
     "pyyaml",
 )
-DEFAULT_MAX_NEW_TOKENS = (
-    152  # the derived budget of the shipped recipes (9 targets); see log_pyfunc_model
-)
+# the derived budget of a default recipe (every shipped recipe's; 152 tokens, 9 targets); a logged
+# model carries its own recipe's in ``model_config`` (see log_pyfunc_model)
+DEFAULT_MAX_NEW_TOKENS = answer_token_budget(ModelConfig(), DataConfig().max_targets)
 
 
 def decode_image(b64: str) -> Any:
