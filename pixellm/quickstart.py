@@ -43,6 +43,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from pixellm.config import ConfigError, load_recipe, options_error
+from pixellm.train.pretrain import PretrainOptions
 
 __all__ = ["QuickstartOptions", "run_quickstart"]
 
@@ -73,11 +74,10 @@ class QuickstartOptions:
     # None = the recipe's (derived: no valid answer is cut)
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     n_overlays: Annotated[int, Field(ge=0)] = 12  # shared out over val, test_less, test_many
-    # 0 = skip pretraining: the random tiny LLaVA of the recipe
-    pretrain_steps: Annotated[int, Field(ge=0)] = 150
-    # language pretraining of the tiny LLM first (0 = none). 500: test gIoU as at 1,000 (0.287-0.326
-    # over three runs vs 0.304-0.316 over two; 250: 0.294) in ~65 s less pretraining (README)
-    pretrain_text_steps: Annotated[int, Field(ge=0)] = 500
+    # the tiny LLaVA pretraining's steps (0 = skip it: the random tiny LLaVA of the recipe)
+    pretrain_steps: Annotated[int, Field(ge=0)] = PretrainOptions.steps
+    # language pretraining of the tiny LLM first (0 = none)
+    pretrain_text_steps: Annotated[int, Field(ge=0)] = PretrainOptions.text_steps
 
 
 _TERMINAL = sys.stdout  # the real terminal, kept before ``_quiet_terminal`` redirects
@@ -256,7 +256,7 @@ def _tree_hash(root: Path) -> str:
 
 
 def _pretrain(opts: QuickstartOptions, out: Path) -> Path:
-    from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
+    from pixellm.train.pretrain import pretrain_tiny
 
     model = load_recipe(opts.recipe, opts.overrides).model
     popts = PretrainOptions(
