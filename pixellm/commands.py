@@ -20,25 +20,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from pixellm.config import ConfigError, load_recipe, options_error
+    from pixellm.config import ConfigError, command_options, load_recipe
     from pixellm.data.formats import DataError
     from pixellm.train.pretrain import PretrainOptions, pretrain_tiny
 
-    try:
-        opts = PretrainOptions(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            text_steps=args.text_steps,
-            text_batch_size=args.text_batch_size,
-            vision_lr_scale=args.vision_lr_scale,
-            vision_weight_decay=args.vision_weight_decay,
-        )
-    except ValidationError as err:
-        raise ConfigError(options_error("pixellm pretrain-tiny", err)) from None
+    opts = command_options(
+        "pixellm pretrain-tiny",
+        PretrainOptions,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        text_steps=args.text_steps,
+        text_batch_size=args.text_batch_size,
+        vision_lr_scale=args.vision_lr_scale,
+        vision_weight_decay=args.vision_weight_decay,
+    )
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     try:
         out = pretrain_tiny(recipe.model, args.shards, args.out, opts)

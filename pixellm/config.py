@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -426,14 +426,24 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def options_error(command: str, err: ValidationError) -> str:
-    """One line per bad flag of a command whose options are a validated dataclass
-    (``pixellm quickstart``, ``pixellm pretrain-tiny``), named as the user typed it."""
-    lines = [f"{command}: {err.error_count()} bad option(s):"]
-    for e in err.errors():
-        name = str(e["loc"][0]) if e["loc"] else "(options)"
-        lines.append(f"  - --{name.replace('_', '-')}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+T = TypeVar("T")
+
+
+def command_options(command: str, options_type: type[T], **values: Any) -> T:
+    """``options_type(**values)`` for a command whose options are a validated (pydantic) dataclass
+    (``pixellm quickstart``, ``pixellm pretrain-tiny``).
+
+    Raises:
+        ConfigError: one line per bad flag, named as the user typed it (``--pretrain-steps``).
+    """
+    try:
+        return options_type(**values)
+    except ValidationError as err:
+        lines = [f"{command}: {err.error_count()} bad option(s):"]
+        for e in err.errors():
+            name = str(e["loc"][0]) if e["loc"] else "(options)"
+            lines.append(f"  - --{name.replace('_', '-')}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:

@@ -39,10 +39,10 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from pixellm.config import ConfigError, load_recipe, options_error
+from pixellm.config import command_options, load_recipe
 from pixellm.train.pretrain import PretrainOptions
 
 __all__ = ["QuickstartOptions", "run_quickstart"]
@@ -702,14 +702,9 @@ def options_from_args(args: Any) -> QuickstartOptions:
     Raises:
         ConfigError: a flag out of range, naming each one (before any work starts).
     """
-    try:
-        return _options_from_args(args)
-    except ValidationError as err:
-        raise ConfigError(options_error("pixellm quickstart", err)) from None
-
-
-def _options_from_args(args: Any) -> QuickstartOptions:
-    return QuickstartOptions(
+    return command_options(
+        "pixellm quickstart",
+        QuickstartOptions,
         out=args.out,
         recipe=args.recipe,
         overrides=list(args.set),
