@@ -116,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/ablations")
     ap.add_argument("--recipe", default=str(REPO / "platform/recipes/tiny.yaml"))
-    from pixellm.quickstart import QuickstartOptions
+    from pixellm.quickstart import QuickstartOptions, cpu_overrides
 
     qs = QuickstartOptions(out="")  # the quickstart's budget: the same steps and pretraining
     ap.add_argument("--steps", type=int, default=qs.steps)
@@ -132,6 +132,8 @@ def main() -> None:
         out, args.images, args.pretrain_steps, args.pretrain_text_steps, args.recipe
     )
     results: dict[str, dict[str, Any]] = {}
+    # the quickstart's CPU split (2 cores: one worker with both, one preprocessing actor)
+    cpus = cpu_overrides(load_recipe(args.recipe, args.set), 1, args.set)
     tag = (
         ""
         if not args.set and args.steps == qs.steps
@@ -150,6 +152,8 @@ def main() -> None:
                     f"train.steps_per_epoch={args.steps}",
                     f"train.checkpoint_every={args.steps}",
                     f"train.micro_batch_size={args.micro_batch_size}",
+                    "train.num_workers=1",
+                    *cpus,
                     f"train.storage_path={out / 'ray_results'}",
                     f"train.run_name=ablation-{i}{tag}",
                     f"mlflow.tracking_uri={server.uri}",

@@ -210,21 +210,9 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
     weights = []
     if opts.pretrain_steps:  # the real-weights path: the pretrained tiny LLaVA of stage 3
         weights = ["model.base=llava", f"model.weights_path={_pretrained_dir(out)}"]
-    # Every core to the training workers (a worker's torch threads = its CPUs), and one
-    # preprocessing actor per core left over, at least one: preprocessing is ~4% of a step's
-    # compute, and the local cluster has 2 logical CPUs more than the machine (for Serve, see
-    # _start_ray), which would otherwise become more actors competing with training. Measured on
-    # 2 cores: train stage 552 s with 1 CPU per worker and 6 actors, 406 s with 2 actors, 260 s
-    # with 2 CPUs per worker and 1 actor. A ``--set train.cpus_per_worker=…`` still wins.
-    cores = os.cpu_count() or 1
-    user_set = any(o.partition("=")[0].strip() == "train.cpus_per_worker" for o in opts.overrides)
-    cpus = base.train.cpus_per_worker if user_set else max(1, cores // opts.workers)
-    free = cores - opts.workers * cpus
-    actors = max(1, int(free / base.data.preprocess_cpus))
     return [
         *weights,
-        f"train.cpus_per_worker={cpus}",
-        f"data.preprocess_actors={actors}",
+        *cpu_overrides(base, opts.workers, opts.overrides),
         f"train.warmup_steps={warmup}",
         f"data.shards_root={out / 'shards'}",
         f"train.storage_path={out / 'ray_results'}",
@@ -237,6 +225,25 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
         f"mlflow.registered_model_name={run_name}",
         *opts.overrides,
     ]
+
+
+def cpu_overrides(base: Any, workers: int, overrides: list[str]) -> list[str]:
+    """``train.cpus_per_worker`` and ``data.preprocess_actors`` for ``workers`` training workers on
+    this machine: every core to the training workers (a worker's torch threads = its CPUs), and
+    one preprocessing actor per core left over, at least one.
+
+    Preprocessing is ~4% of a step's compute, and the local cluster has 2 logical CPUs more than
+    the machine (for Serve, see ``_start_ray``), which would otherwise become more actors competing
+    with training. Measured on 2 cores: train stage 552 s with 1 CPU per worker and 6 actors, 406 s
+    with 2 actors, 260 s with 2 CPUs per worker and 1 actor. A ``train.cpus_per_worker=…`` in
+    ``overrides`` still wins (``base`` is the recipe with them applied).
+    """
+    cores = os.cpu_count() or 1
+    user_set = any(o.partition("=")[0].strip() == "train.cpus_per_worker" for o in overrides)
+    cpus = base.train.cpus_per_worker if user_set else max(1, cores // workers)
+    free = cores - workers * cpus
+    actors = max(1, int(free / base.data.preprocess_cpus))
+    return [f"train.cpus_per_worker={cpus}", f"data.preprocess_actors={actors}"]
 
 
 def _pretrained_dir(out: Path) -> Path:
