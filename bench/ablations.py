@@ -132,8 +132,8 @@ def main() -> None:
         out, args.images, args.pretrain_steps, args.pretrain_text_steps, args.recipe
     )
     results: dict[str, dict[str, Any]] = {}
-    # the quickstart's CPU split (2 cores: one worker with both, one preprocessing actor)
-    cpus = cpu_overrides(load_recipe(args.recipe, args.set), 1, args.set)
+    # the quickstart's workers and CPU split (2 cores: one worker with both, one preprocessing actor)
+    cpus = cpu_overrides(load_recipe(args.recipe, args.set), qs.workers, args.set)
     tag = (
         ""
         if not args.set and args.steps == qs.steps
@@ -152,7 +152,7 @@ def main() -> None:
                     f"train.steps_per_epoch={args.steps}",
                     f"train.checkpoint_every={args.steps}",
                     f"train.micro_batch_size={args.micro_batch_size}",
-                    "train.num_workers=1",
+                    f"train.num_workers={qs.workers}",
                     *cpus,
                     f"train.storage_path={out / 'ray_results'}",
                     f"train.run_name=ablation-{i}{tag}",

@@ -42,7 +42,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from pixellm.config import command_options, load_recipe
+from pixellm.config import Recipe, command_options, load_recipe
 from pixellm.train.pretrain import PretrainOptions
 
 __all__ = ["QuickstartOptions", "run_quickstart"]
@@ -227,7 +227,7 @@ def _training_overrides(opts: QuickstartOptions, out: Path, run_name: str) -> li
     ]
 
 
-def cpu_overrides(base: Any, workers: int, overrides: list[str]) -> list[str]:
+def cpu_overrides(base: Recipe, workers: int, overrides: list[str]) -> list[str]:
     """``train.cpus_per_worker`` and ``data.preprocess_actors`` for ``workers`` training workers on
     this machine: every core to the training workers (a worker's torch threads = its CPUs), and
     one preprocessing actor per core left over, at least one.
