@@ -66,6 +66,8 @@ class QuickstartOptions:
     recipe: str = "platform/recipes/tiny.yaml"
     overrides: list[str] = field(default_factory=list)
     images: Annotated[int, Field(ge=3)] = 240  # >= 3: one per split (train / val / test)
+    # val (24) and test (48) are drawn from the first 240 images; every image past them is train
+    held_out_pool: Annotated[int, Field(ge=3)] = 240
     image_size: Annotated[int, Field(ge=64)] = 128  # as generate_corpus: shapes stay >= ~6 px
     seed: int = 0
     steps: Annotated[int, Field(ge=1)] = 700
@@ -335,7 +337,7 @@ def _commands(opts: QuickstartOptions, out: Path, run_name: str, overrides: list
         f" --pretrain-steps {opts.pretrain_steps} --pretrain-text-steps {opts.pretrain_text_steps}"
         + (f" --set {' '.join(opts.overrides)}" if opts.overrides else ""),
         "# or stage by stage:",
-        f"pixellm corpus generate --out {out / 'corpus'} --seed {opts.seed} --images {opts.images} --image-size {opts.image_size}",
+        f"pixellm corpus generate --out {out / 'corpus'} --seed {opts.seed} --images {opts.images} --image-size {opts.image_size} --held-out-pool {opts.held_out_pool}",
     ]
     cmds += [
         f"pixellm shards build --format {fmt} --input {out / 'corpus' / fmt} --out {out / 'shards' / name}"
@@ -502,7 +504,11 @@ def _run_stages(
         from pixellm.data.corpus import generate_corpus
 
         generate_corpus(
-            out / "corpus", seed=opts.seed, images=opts.images, image_size=opts.image_size
+            out / "corpus",
+            seed=opts.seed,
+            images=opts.images,
+            image_size=opts.image_size,
+            held_out_pool=opts.held_out_pool,
         )
     with progress.stage(2, "shards", "converting every format to Parquet shards with Ray Data"):
         _start_ray(recipe)
@@ -680,6 +686,12 @@ def register_arguments(p: Any, on_run: Callable[[Any], int]) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--images", type=int, default=d.images, help="generated images (corpus size)")
     p.add_argument("--image-size", type=int, default=d.image_size, help="longest image side, px")
+    p.add_argument(
+        "--held-out-pool",
+        type=int,
+        default=d.held_out_pool,
+        help="val/test are drawn from the first N images; the rest are train",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of training")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
@@ -717,6 +729,7 @@ def options_from_args(args: Any) -> QuickstartOptions:
         overrides=list(args.set),
         images=args.images,
         image_size=args.image_size,
+        held_out_pool=args.held_out_pool,
         seed=args.seed,
         steps=args.steps,
         micro_batch_size=args.micro_batch_size,

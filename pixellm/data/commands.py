@@ -22,7 +22,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     summary = generate_corpus(
-        args.out, seed=args.seed, images=args.images, image_size=args.image_size
+        args.out,
+        seed=args.seed,
+        images=args.images,
+        image_size=args.image_size,
+        held_out_pool=args.held_out_pool,
     )
     print(
         json.dumps(
@@ -142,6 +146,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0, help="world seed (same seed = same bytes)")
     gen.add_argument("--images", type=int, default=240, help="number of images")
     gen.add_argument("--image-size", type=int, default=128, help="longest image side in pixels")
+    gen.add_argument(
+        "--held-out-pool",
+        type=int,
+        default=None,
+        help="draw val/test from the first N images; the rest are train (default: all images)",
+    )
     gen.set_defaults(func=_generate)
 
     shards = subparsers.add_parser("shards", help="corpora → Parquet shards")

@@ -231,9 +231,12 @@ def _llava(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
     return {"id": f"{scene.image_id:06d}", "image": scene.file_name, "conversations": turns}
 
 
-def _split_of(seed: int, images: int) -> list[str]:
-    order = np.random.default_rng([seed, 7919]).permutation(images)
-    n_val, n_test = max(1, images // 10), max(1, images // 5)
+def _split_of(seed: int, images: int, held_out_pool: int | None = None) -> list[str]:
+    """Split of each image: val (a tenth) and test (a fifth) of the first ``held_out_pool`` images
+    (default: all); the images after the pool are all train."""
+    pool = images if held_out_pool is None else min(images, held_out_pool)
+    order = np.random.default_rng([seed, 7919]).permutation(pool)
+    n_val, n_test = max(1, pool // 10), max(1, pool // 5)
     split = ["train"] * images
     for i in order[:n_val]:
         split[int(i)] = "val"
@@ -243,7 +246,11 @@ def _split_of(seed: int, images: int) -> list[str]:
 
 
 def generate_corpus(
-    out: str | Path, seed: int = 0, images: int = 240, image_size: int = 128
+    out: str | Path,
+    seed: int = 0,
+    images: int = 240,
+    image_size: int = 128,
+    held_out_pool: int | None = None,
 ) -> CorpusSummary:
     """Generate the default corpus under ``out`` (see the module docstring for the layout).
 
@@ -252,6 +259,9 @@ def generate_corpus(
         seed: world seed; the same seed gives byte-identical files.
         images: number of images (>= 3, so every split gets one).
         image_size: S, the longest image side in pixels (>= 64 keeps shapes >= ~6 px).
+        held_out_pool: val and test are drawn from the first this many images (default: all).
+            Images are seeded by index, so with the same pool a larger corpus keeps exactly the
+            same val and test records and only adds training images.
 
     Returns:
         A ``CorpusSummary`` with record counts per written file.
@@ -263,8 +273,10 @@ def generate_corpus(
         raise ValueError(
             f"need images >= 3 and image_size >= 64, got images={images}, image_size={image_size}"
         )
+    if held_out_pool is not None and held_out_pool < 3:
+        raise ValueError(f"need held_out_pool >= 3 (one image per split), got {held_out_pool}")
     root = Path(out)
-    splits = _split_of(seed, images)
+    splits = _split_of(seed, images, held_out_pool)
     muse: dict[str, list] = {"train": [], "val": [], "test_less": [], "test_many": []}
     coco: dict[str, list] = {"images": [], "annotations": []}
     refs: list[dict] = []

@@ -28,6 +28,27 @@ def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
     assert a != c
 
 
+def test_more_images_with_the_same_held_out_pool_only_add_training_data(tmp_path: Path) -> None:
+    generate_corpus(tmp_path / "small", seed=2, images=20, held_out_pool=20)
+    generate_corpus(tmp_path / "large", seed=2, images=50, held_out_pool=20)
+    generate_corpus(tmp_path / "all", seed=2, images=50)  # pool = every image
+
+    def muse(name: str, split: str) -> list:
+        return json.loads((tmp_path / name / f"muse/muse_{split}.json").read_text())
+
+    for split in ("val", "test_less", "test_many"):
+        assert muse("small", split) == muse("large", split)  # the same held-out records
+    assert len(muse("large", "train")) > len(muse("small", "train"))
+    assert {r["file_name"] for r in muse("large", "val")} <= {f"{i:06d}.png" for i in range(20)}
+    assert len(muse("all", "val")) == 5  # a tenth of 50: the default pool is every image
+    try:
+        generate_corpus(tmp_path / "bad", images=10, held_out_pool=2)
+    except ValueError as err:
+        assert "held_out_pool" in str(err)
+    else:
+        raise AssertionError("held_out_pool=2 was accepted")
+
+
 def test_layout_and_question_families(corpus_dir: Path) -> None:
     muse = {
         s: json.loads((corpus_dir / f"muse/muse_{s}.json").read_text())
