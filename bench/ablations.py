@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data(
-    out: Path, images: int, pretrain_steps: int, text_steps: int, recipe: str
+    out: Path, images: int, held_out_pool: int, pretrain_steps: int, text_steps: int, recipe: str
 ) -> tuple[Path, Path]:
     from pixellm.config import load_recipe
     from pixellm.data.corpus import generate_corpus
@@ -49,7 +49,7 @@ def _data(
 
     shards = out / "shards"
     if not (shards / "vqa" / "manifest.json").is_file():
-        generate_corpus(out / "corpus", seed=0, images=images)
+        generate_corpus(out / "corpus", seed=0, images=images, held_out_pool=held_out_pool)
         for fmt, name in FORMATS.items():
             src = out / "corpus" / fmt
             build_shards(fmt, src, str(shards / name), engine="local")
@@ -121,7 +121,8 @@ def main() -> None:
     qs = QuickstartOptions(out="")  # the quickstart's budget: the same steps and pretraining
     ap.add_argument("--steps", type=int, default=qs.steps)
     ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--images", type=int, default=qs.images)
+    ap.add_argument("--held-out-pool", type=int, default=qs.held_out_pool)
     ap.add_argument("--pretrain-steps", type=int, default=qs.pretrain_steps)
     ap.add_argument("--pretrain-text-steps", type=int, default=qs.pretrain_text_steps)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
@@ -129,7 +130,12 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     shards, weights = _data(
-        out, args.images, args.pretrain_steps, args.pretrain_text_steps, args.recipe
+        out,
+        args.images,
+        args.held_out_pool,
+        args.pretrain_steps,
+        args.pretrain_text_steps,
+        args.recipe,
     )
     results: dict[str, dict[str, Any]] = {}
     # the quickstart's workers and CPU split (2 cores: one worker with both, one preprocessing actor)

@@ -23,8 +23,9 @@ def test_quickstart_end_to_end_small_budget(tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [
         sys.executable, "-m", "pixellm.cli", "quickstart", "--out", str(out),
-        "--images", "24", "--steps", "4", "--micro-batch-size", "2", "--max-new-tokens", "16",
+        "--images", "30", "--steps", "4", "--micro-batch-size", "2", "--max-new-tokens", "16",
         "--n-overlays", "2", "--pretrain-steps", "2", "--pretrain-text-steps", "2",
+        "--held-out-pool", "24",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
