@@ -18,16 +18,20 @@ __all__ = [
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from pixellm.config import ConfigError
     from pixellm.data.corpus import generate_corpus
 
     start = time.perf_counter()
-    summary = generate_corpus(
-        args.out,
-        seed=args.seed,
-        images=args.images,
-        image_size=args.image_size,
-        held_out_pool=args.held_out_pool,
-    )
+    try:
+        summary = generate_corpus(
+            args.out,
+            seed=args.seed,
+            images=args.images,
+            image_size=args.image_size,
+            held_out_pool=args.held_out_pool,
+        )
+    except ValueError as err:  # a size out of range: one line, before anything is written
+        raise ConfigError(f"pixellm corpus generate: {err}") from None
     print(
         json.dumps(
             {

@@ -41,12 +41,20 @@ def test_more_images_with_the_same_held_out_pool_only_add_training_data(tmp_path
     assert len(muse("large", "train")) > len(muse("small", "train"))
     assert {r["file_name"] for r in muse("large", "val")} <= {f"{i:06d}.png" for i in range(20)}
     assert len(muse("all", "val")) == 5  # a tenth of 50: the default pool is every image
-    try:
-        generate_corpus(tmp_path / "bad", images=10, held_out_pool=2)
-    except ValueError as err:
-        assert "held_out_pool" in str(err)
-    else:
-        raise AssertionError("held_out_pool=2 was accepted")
+
+
+def test_corpus_generate_command_rejects_bad_sizes_in_one_line(tmp_path: Path, capsys) -> None:
+    from pixellm.cli import main
+
+    for flags, bad in (
+        (["--held-out-pool", "2"], "held_out_pool >= 3"),
+        (["--images", "2"], "images >= 3"),
+    ):
+        out = tmp_path / "corpus"
+        assert main(["corpus", "generate", "--out", str(out), "--images", "10", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: pixellm corpus generate:") and bad in err, err
+        assert "Traceback" not in err and not out.exists()
 
 
 def test_layout_and_question_families(corpus_dir: Path) -> None:
