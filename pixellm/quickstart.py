@@ -168,8 +168,9 @@ def _start_ray(recipe: Any) -> None:
     """Connect to ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1 for every stage.
 
     The local cluster gets 2 logical CPUs on top of what training needs: the Serve replica holds
-    one CPU while Ray Data's read task needs a whole one, which a 2-core machine would otherwise
-    never free (scoring would wait forever).
+    one CPU while scoring's Ray Data tasks and caller actor need theirs, which a 2-core machine
+    would otherwise never free (scoring would wait forever; Ray 2.60's V2 Parquet listing task,
+    which scoring no longer uses, asked for a whole CPU whatever ``num_cpus`` said).
     """
     import math
 
